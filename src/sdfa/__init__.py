@@ -1,0 +1,23 @@
+"""sdfa: train PyTorch models without backpropagation.
+
+Direct feedback alignment with sparse feedback (Crafton et al. 2019) and the wider
+feedback-alignment family, behind one call::
+
+    model = sdfa.convert(model, "dfa", k=1, seed=0)
+    loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
+"""
+
+from .convert import convert, feedback_matrices, rules_of
+from .rules import RULES, Rule, available_rules, register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "Rule",
+    "available_rules",
+    "convert",
+    "feedback_matrices",
+    "register_rule",
+    "rules_of",
+]

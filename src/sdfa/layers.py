@@ -1,0 +1,109 @@
+"""Linear and Conv2d layers whose backward pass sends the error down through a feedback weight.
+
+This is the one mechanism behind every layer-wise rule (fa, usf, brsf, frsf, kp, ...): the
+weight gradient is the usual one, computed from the delta that reaches the layer and the layer's
+input; only the gradient sent to the layer's input uses ``rule.feedback(layer)`` (a tensor of the
+shape of W) in place of W. Passing W itself gives backprop, which the tests use as a reference.
+
+When the feedback tensor requires grad (Kolen-Pollack), it receives the same gradient as W, so an
+optimizer step moves B exactly like W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+
+class _LinearFeedback(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback):
+        ctx.save_for_backward(x, feedback)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, feedback = ctx.saved_tensors
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad
+        grad_x = grad @ feedback if need_x else None
+        grad_w = grad_b = None
+        if need_w or need_fb:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if need_b:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None
+
+
+class _Conv2dFeedback(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+
+        def conv_backward(w, mask):
+            return torch.ops.aten.convolution_backward(
+                grad, x, w, [w.shape[0]] if ctx.has_bias else None,
+                stride, padding, dilation, False, [0, 0], groups, mask,
+            )
+
+        grad_x = conv_backward(feedback, [True, False, False])[0] if need_x else None
+        grad_w = grad_b = None
+        if need_w or need_fb or need_b:
+            _, grad_w, grad_b = conv_backward(weight, [False, need_w or need_fb, need_b])
+        return (grad_x, grad_w if need_w else None, grad_b if need_b else None,
+                grad_w if need_fb else None, None, None, None, None)
+
+
+class FeedbackLayer:
+    """Mixin for layers trained by a layer-wise rule; ``self.rule`` supplies the feedback weight."""
+
+    rule = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module, rule) -> FeedbackLayer:
+        """Swap ``module`` (an nn.Linear / nn.Conv2d) for this class, sharing its parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new.rule = rule
+        return new
+
+    def feedback_weight(self) -> torch.Tensor:
+        """The tensor used in place of W when sending the error to this layer's input."""
+        return self.rule.feedback(self)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, rule={self.rule.name}"
+
+
+class FeedbackLinear(FeedbackLayer, nn.Linear):
+    def forward(self, x):
+        return _LinearFeedback.apply(x, self.weight, self.bias, self.feedback_weight())
+
+
+class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
+    def forward(self, x):
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        elif isinstance(padding, str):  # "same" / "valid": resolve to numbers for the backward
+            x = F.pad(x, self._reversed_padding_repeated_twice)
+            padding = (0, 0)
+        return _Conv2dFeedback.apply(
+            x, self.weight, self.bias, self.feedback_weight(),
+            self.stride, padding, self.dilation, self.groups,
+        )
+
+
+FEEDBACK_LAYERS = {nn.Linear: FeedbackLinear, nn.Conv2d: FeedbackConv2d}
