@@ -8,6 +8,7 @@ feedback-alignment family, behind one call::
 """
 
 from .convert import convert, feedback_matrices, rules_of
+from .layers import backprop
 from .rules import RULES, Rule, available_rules, register_rule
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "RULES",
     "Rule",
     "available_rules",
+    "backprop",
     "convert",
     "feedback_matrices",
     "register_rule",

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd import Function
 
 from . import feedback as fb
+from .layers import backprop_enabled
 
 FEEDBACK_ATTR = "dfa_feedback"
 
@@ -110,6 +111,14 @@ class DirectFeedbackAlignment:
 
     # -- forward hooks ------------------------------------------------------------------------
 
+    def _active(self, x) -> bool:
+        return (
+            torch.is_grad_enabled()
+            and isinstance(x, torch.Tensor)
+            and x.requires_grad
+            and not backprop_enabled()
+        )
+
     def _start(self, module, args):
         self.pending.clear()
 
@@ -131,7 +140,7 @@ class DirectFeedbackAlignment:
 
     def _detach_input(self, module, args):
         x = args[0]
-        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        if not self._active(x):
             return None
         if id(x) not in self.pending:
             label = self.producer.get(self.names[id(module)])
@@ -147,7 +156,7 @@ class DirectFeedbackAlignment:
         return (self.pending[id(x)][2], *args[1:])
 
     def _detach_output(self, module, args, out):
-        if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+        if not self._active(out):
             return None
         return self._record(self.names[id(module)], out)
 

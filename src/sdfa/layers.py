@@ -11,10 +11,35 @@ optimizer step moves B exactly like W.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
+
+
+_BACKPROP: ContextVar[bool] = ContextVar("sdfa_backprop", default=False)
+
+
+@contextlib.contextmanager
+def backprop():
+    """Inside this block every converted model computes plain backprop gradients.
+
+    Used to measure the true gradient on the same weights (alignment diagnostics) without
+    copying the model: DFA hooks step aside and layer-wise layers send back W.
+    """
+    token = _BACKPROP.set(True)
+    try:
+        yield
+    finally:
+        _BACKPROP.reset(token)
+
+
+def backprop_enabled() -> bool:
+    """True inside :func:`backprop`."""
+    return _BACKPROP.get()
 
 
 class _LinearFeedback(Function):
@@ -88,11 +113,15 @@ class FeedbackLayer:
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
+        if _BACKPROP.get():
+            return super().forward(x)
         return _LinearFeedback.apply(x, self.weight, self.bias, self.feedback_weight())
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     def forward(self, x):
+        if _BACKPROP.get():
+            return super().forward(x)
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
