@@ -71,7 +71,9 @@ def convert(
     for prefix in parts:
         if prefix and prefix not in modules:
             children = ", ".join(n for n, _ in model.named_children())
-            raise ValueError(f"{prefix!r} names no submodule of the model; its children are: {children}")
+            raise ValueError(
+                f"{prefix!r} names no submodule of the model; its children are: {children}"
+            )
 
     rules = _build_rules(parts, options)
     assigned: dict[str, list[tuple[str, nn.Module]]] = {prefix: [] for prefix in parts}

@@ -76,9 +76,10 @@ class DirectFeedbackAlignment:
                 f"choose one of: {', '.join(names)}"
             )
         output_layer = self.modules[self.output_name]
-        if isinstance(output_layer, nn.Linear):
-            fb.check_options(output_layer.out_features, k, rank, init)
+        num_classes = output_layer.out_features if isinstance(output_layer, nn.Linear) else None
+        fb.check_options(num_classes, k, rank, init)
         self.pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        self.output_ran = False
 
         model.register_forward_pre_hook(self._start)
         model.register_forward_hook(self._finish)
@@ -90,8 +91,9 @@ class DirectFeedbackAlignment:
             # layer registered before it (exact for nn.Sequential and for models that define
             # their layers in the order they run).
             trainable = [n for n, m in model.named_modules() if _is_trainable_layer(m)]
-            self.producer = {n: trainable[trainable.index(n) - 1] if trainable.index(n) else None
-                             for n in names}
+            self.producer = {
+                n: trainable[trainable.index(n) - 1] if trainable.index(n) else None for n in names
+            }
             for name in names:
                 if name != self.output_name:
                     self.modules[name].register_forward_pre_hook(self._detach_input)
@@ -121,8 +123,10 @@ class DirectFeedbackAlignment:
 
     def _start(self, module, args):
         self.pending.clear()
+        self.output_ran = False
 
     def _finish(self, module, args, out):
+        self.output_ran = False
         if self.pending:
             labels = ", ".join(label for label, _, _ in self.pending.values())
             self.pending.clear()
@@ -139,6 +143,12 @@ class DirectFeedbackAlignment:
         return entry[2]
 
     def _detach_input(self, module, args):
+        if self.output_ran:
+            raise RuntimeError(
+                f"DFA: layer {self.names[id(module)]!r} ran after the output layer "
+                f"{self.output_name!r}. The output layer must be the last trainable layer to run: "
+                "pass output='<name>' to sdfa.convert."
+            )
         x = args[0]
         if not self._active(x):
             return None
@@ -161,6 +171,7 @@ class DirectFeedbackAlignment:
         return self._record(self.names[id(module)], out)
 
     def _project(self, module, args, y):
+        self.output_ran = True
         if not self.pending:
             return None
         entries = list(self.pending.values())
@@ -183,8 +194,13 @@ class DirectFeedbackAlignment:
         feedback = getattr(owner, FEEDBACK_ATTR, None)
         if feedback is None:
             feedback = fb.make_feedback(
-                num_classes, num_neurons, seed=self.seed, name=label,
-                dtype=h.dtype, device=h.device, **self.options,
+                num_classes,
+                num_neurons,
+                seed=self.seed,
+                name=label,
+                dtype=h.dtype,
+                device=h.device,
+                **self.options,
             )
             owner.add_module(FEEDBACK_ATTR, feedback)
         elif feedback.shape != (num_classes, num_neurons):

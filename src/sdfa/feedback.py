@@ -32,7 +32,9 @@ INITS = ("uniform", "gaussian", "sign")
 
 def generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and a layer name, identical on every machine."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    )
 
 
 def draw(shape, h: float, init: str, gen: torch.Generator) -> torch.Tensor:
@@ -46,7 +48,9 @@ def draw(shape, h: float, init: str, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown feedback init {init!r}; choose one of {', '.join(INITS)}")
 
 
-def balanced_classes(num_neurons: int, num_classes: int, k: int, gen: torch.Generator) -> torch.Tensor:
+def balanced_classes(
+    num_neurons: int, num_classes: int, k: int, gen: torch.Generator
+) -> torch.Tensor:
     """(N, k) class indices: k distinct classes per neuron, every class used equally often (+-1).
 
     Neurons are taken in blocks of C. Inside a block, neuron j reads the k classes at positions
@@ -159,14 +163,22 @@ def check_options(num_classes: int | None, k: int | None, rank: int | None, init
     ``num_classes`` (C) may be None when it is not known yet: then only the lower bounds are checked.
     """
     if k is not None and rank is not None:
-        raise ValueError("choose either k= (sparse feedback) or rank= (low-rank feedback), not both")
-    upper = "C (the number of outputs)" if num_classes is None else f"{num_classes} (the number of outputs)"
+        raise ValueError(
+            "choose either k= (sparse feedback) or rank= (low-rank feedback), not both"
+        )
+    upper = (
+        "C (the number of outputs)"
+        if num_classes is None
+        else f"{num_classes} (the number of outputs)"
+    )
     for name, value in (("k", k), ("rank", rank)):
         if value is None:
             continue
         bad_type = isinstance(value, bool) or not isinstance(value, int)
         if bad_type or value < 1 or (num_classes is not None and value > num_classes):
-            raise ValueError(f"{name} must be an integer with 1 <= {name} <= {upper}; got {value!r}")
+            raise ValueError(
+                f"{name} must be an integer with 1 <= {name} <= {upper}; got {value!r}"
+            )
     if init not in INITS:
         raise ValueError(f"unknown feedback init {init!r}; choose one of {', '.join(INITS)}")
 

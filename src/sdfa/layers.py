@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-
 _BACKPROP: ContextVar[bool] = ContextVar("sdfa_backprop", default=False)
 
 

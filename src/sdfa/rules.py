@@ -91,10 +91,6 @@ class DFA(Rule):
         "example_input": None,
     }
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        fb.check_options(None, self.config["k"], self.config["rank"], self.config["init"])
-
     def apply(self, model, layers, seed):
         from .dfa import DirectFeedbackAlignment
 
