@@ -205,8 +205,8 @@ class DirectFeedbackAlignment:
             owner.add_module(FEEDBACK_ATTR, feedback)
         elif feedback.shape != (num_classes, num_neurons):
             raise RuntimeError(
-                f"DFA: the feedback matrix of {label!r} has shape {feedback.shape} but this forward "
-                f"pass needs ({num_classes}, {num_neurons}): did the input size change?"
+                f"DFA: the feedback matrix of {label!r} has shape {feedback.shape} but this "
+                f"forward pass needs ({num_classes}, {num_neurons}): did the input size change?"
             )
         return feedback
 

@@ -67,7 +67,7 @@ def balanced_classes(
 
 
 class DirectFeedback(nn.Module):
-    """Base class: a fixed (C, N) feedback matrix that turns an output error into a hidden signal."""
+    """Base class: a fixed (C, N) matrix that turns the output error into a hidden signal."""
 
     def project(self, e: torch.Tensor) -> torch.Tensor:
         """``e @ B`` for ``e`` of shape (batch, C); returns (batch, N)."""
@@ -160,7 +160,7 @@ def default_scale(num_neurons: int, num_classes: int, k: int | None) -> float:
 def check_options(num_classes: int | None, k: int | None, rank: int | None, init: str) -> None:
     """Raise ValueError for k / rank / init outside their allowed range.
 
-    ``num_classes`` (C) may be None when it is not known yet: then only the lower bounds are checked.
+    ``num_classes`` (C) may be None while it is unknown: then only lower bounds are checked.
     """
     if k is not None and rank is not None:
         raise ValueError(
