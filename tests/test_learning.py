@@ -14,11 +14,8 @@ from sdfa.models import build_model
 def digits():
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, random_state=0, stratify=y)
-    floats, labels = (torch.tensor(a, dtype=torch.float32) for a in (xtr, xte)), (
-        torch.tensor(a) for a in (ytr, yte)
-    )
-    (xtr, xte), (ytr, yte) = floats, labels
-    return xtr, ytr, xte, yte
+    xtr, xte = (torch.tensor(a, dtype=torch.float32) for a in (xtr, xte))
+    return xtr, torch.tensor(ytr), xte, torch.tensor(yte)
 
 
 def train_digits(rule, digits, epochs=10, seed=0, **options):
