@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sdfa
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 ACTS = {
     "tanh": (torch.tanh, lambda a: 1 - torch.tanh(a) ** 2),
