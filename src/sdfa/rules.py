@@ -160,4 +160,4 @@ class USF(LayerwiseRule):
         scale = self.config["scale"]
         if scale is None:
             scale = 1.0 / math.sqrt(_fan_in(layer.weight))
-        return torch.sign(layer.weight.detach()) * scale
+        return torch.sign(layer.weight.detach()).mul_(scale)
