@@ -38,6 +38,7 @@ def _bench(args) -> int:
         round_time=args.round_time or (0.005 if quick else 0.3),
         threads=args.threads,
         device=args.device,
+        clock=args.clock,
         seed=args.seed,
         profile=args.profile,
     )
@@ -85,6 +86,13 @@ def _add_bench(commands) -> None:
     )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time (default); cpu: CPU time of the process, steadier on a busy "
+        "machine (use with --threads 1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data and feedback")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="few short rounds: a smoke run")
