@@ -110,7 +110,7 @@ class SparseFeedback(DirectFeedback):
         # One gather of e's columns per connection, weighted and summed in place. The result
         # keeps the contiguous (batch, N) layout of the block output: a transposed one made
         # every elementwise op and matmul after it slower than the dense product.
-        out = e.index_select(1, self.index[:, 0]) * self.value[:, 0]
+        out = e.index_select(1, self.index[:, 0]).mul_(self.value[:, 0])
         for j in range(1, self.index.shape[1]):
             out.addcmul_(e.index_select(1, self.index[:, j]), self.value[:, j])
         return out
