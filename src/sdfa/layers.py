@@ -106,6 +106,13 @@ class FeedbackLayer:
         """The tensor used in place of W when sending the error to this layer's input."""
         return self.rule.feedback(self)
 
+    def _feedback_for(self, x: torch.Tensor) -> torch.Tensor:
+        # Nothing reads the feedback when the input needs no gradient (the first layer, eval)
+        # unless it learns: skip computing it then (USF would rebuild sign(W) for nothing).
+        if x.requires_grad or self.rule.learned_feedback:
+            return self.feedback_weight()
+        return self.weight.detach()
+
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
@@ -114,7 +121,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
         if _BACKPROP.get():
             return super().forward(x)
-        return _LinearFeedback.apply(x, self.weight, self.bias, self.feedback_weight())
+        return _LinearFeedback.apply(x, self.weight, self.bias, self._feedback_for(x))
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
@@ -129,7 +136,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice)
             padding = (0, 0)
         return _Conv2dFeedback.apply(
-            x, self.weight, self.bias, self.feedback_weight(),
+            x, self.weight, self.bias, self._feedback_for(x),
             self.stride, padding, self.dilation, self.groups,
         )
 

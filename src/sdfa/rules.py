@@ -103,7 +103,11 @@ class LayerwiseRule(Rule):
 
     Subclasses implement ``setup`` (register the feedback buffers / parameters on a layer) and
     ``feedback`` (the tensor of W's shape used for the input gradient at this step).
+    ``learned_feedback = False`` declares that the feedback gets no gradient, so layers whose
+    input needs none can skip computing it.
     """
+
+    learned_feedback = True
 
     def apply(self, model, layers, seed):
         for name, module in layers:
@@ -140,6 +144,7 @@ class FA(LayerwiseRule):
     name = "fa"
     paper = "Lillicrap, Cownden, Tweed, Akerman 2016"
     options = {"scale": None}
+    learned_feedback = False
 
     def setup(self, layer, gen):
         layer.register_buffer("feedback", _random_like(layer.weight, gen, self.config["scale"]))
@@ -155,6 +160,7 @@ class USF(LayerwiseRule):
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016; Moskovitz, Litwin-Kumar, Abbott 2018"
     options = {"scale": None}
+    learned_feedback = False
 
     def feedback(self, layer):
         scale = self.config["scale"]
