@@ -96,7 +96,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    header = None
+    results = {}
     for rule in args.rules:
         for seed in args.seeds:
             start = time.perf_counter()
@@ -106,16 +106,21 @@ def main(argv=None):
             )
             seconds = time.perf_counter() - start
             angles = alignment(model, x, y)
-            if header is None:
-                header = f"{'rule':6s} {'seed':>4s} {'test acc':>8s} {'time':>6s}  " + " ".join(
-                    f"{name:>6s}" for name in angles
-                )
+            if not results:
                 print("angle (degrees) between each rule's gradient and the true gradient")
-                print(header)
-            print(
-                f"{rule:6s} {seed:4d} {accuracy:8.4f} {seconds:5.1f}s  "
-                + " ".join(f"{a:6.1f}" for a in angles.values())
-            )
+                print(f"{'rule':6s} {'seed':>4s} {'test acc':>8s} {'time':>6s}  "
+                      + " ".join(f"{name:>6s}" for name in angles))
+            print(f"{rule:6s} {seed:4d} {accuracy:8.4f} {seconds:5.1f}s  "
+                  + " ".join(f"{a:6.1f}" for a in angles.values()), flush=True)
+            results.setdefault(rule, []).append((accuracy, list(angles.values())))
+    if len(args.seeds) > 1:
+        print(f"\nmean over seeds {args.seeds}: test accuracy (min-max), mean angle per layer")
+        for rule, runs in results.items():
+            accuracies = [a for a, _ in runs]
+            angles = [sum(col) / len(col) for col in zip(*(angles for _, angles in runs))]
+            print(f"{rule:6s} {sum(accuracies) / len(accuracies):.3f} "
+                  f"({min(accuracies):.3f}-{max(accuracies):.3f})  "
+                  + " ".join(f"{a:6.1f}" for a in angles))
 
 
 if __name__ == "__main__":

@@ -267,6 +267,18 @@ def test_fa_feedback_starts_with_the_rms_of_w():
     assert 0.15 < B.abs().max() <= 0.2
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_rules_convert_shape_only_models(rule):
+    with torch.device("meta"):
+        base = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = sdfa.convert(base, rule)
+    for layer in (model[0], model[2]):
+        assert layer.feedback_weight().shape == layer.weight.shape
+    x = torch.randn(2, 1, 8, 8, device="meta", requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.shape == x.shape and model[0].weight.grad.shape == (4, 1, 3, 3)
+
+
 def test_eval_and_no_grad_do_not_build_feedback():
     model = sdfa.convert(build_model("lenet5", (1, 8, 8), 10), "brsf", seed=0)
     used = record_feedback(model)
@@ -419,6 +431,17 @@ def test_every_rule_trains_resnet20_in_train_and_eval_mode(rule, mode):
         assert not torch.allclose(first, base.stem[0].weight.grad)
     shortcut_conv = model.layer2[0].shortcut
     assert not list(shortcut_conv.parameters())  # option A: identity with zero padding
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_trains_projection_shortcuts(rule):
+    torch.manual_seed(0)
+    model = sdfa.convert(build_model("resnet20", (3, 16, 16), 4, shortcut="projection"), rule)
+    shortcut = model.layer3[0].shortcut[0]
+    assert isinstance(shortcut, FeedbackLayer)
+    F.cross_entropy(model(torch.randn(3, 3, 16, 16)), torch.tensor([0, 1, 3])).backward()
+    assert shortcut.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 # -- batch manhattan ----------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def _random_feedback(layer: nn.Module, gen: torch.Generator, scale: float | None
     A layer whose weights are all zero gets PyTorch's default bound h = 1/sqrt(fan_in).
     """
     weight = layer.weight.detach()
+    if weight.is_meta:  # a shape-only model: nothing to draw
+        return torch.empty_like(weight)
     if scale is None:
         rms = _rms(weight).item()
         scale = math.sqrt(3) * rms if rms > 0 else 1.0 / math.sqrt(weight[0].numel())
@@ -166,6 +168,8 @@ def _random_feedback(layer: nn.Module, gen: torch.Generator, scale: float | None
 def _half_normal(layer: nn.Module, gen: torch.Generator) -> torch.Tensor:
     """|N(0, 1)| of W's shape (mean square 1): the random magnitudes of brsf and frsf."""
     weight = layer.weight
+    if weight.is_meta:
+        return torch.empty_like(weight)
     values = torch.randn(weight.shape, generator=gen, device=gen.device, dtype=weight.dtype)
     return values.abs_().to(weight.device)
 
@@ -173,7 +177,7 @@ def _half_normal(layer: nn.Module, gen: torch.Generator) -> torch.Tensor:
 def _noise_generator(layer: nn.Module) -> torch.Generator:
     """The layer's own seeded generator for per-step draws, on the device of its weight."""
     gen = layer.noise_generator
-    if gen.device != layer.weight.device:
+    if gen.device != layer.weight.device and not layer.weight.is_meta:
         seed = int(torch.randint(2**62, (1,), generator=gen))
         gen = layer.noise_generator = torch.Generator(layer.weight.device).manual_seed(seed)
     return gen
@@ -278,6 +282,8 @@ class WM(FA):
     def mirror(self, layer, args):
         """One mirror step; only when the pass trains the layer (training mode, autograd on)."""
         if not (layer.training and torch.is_grad_enabled()) or backprop_enabled():
+            return
+        if layer.weight.is_meta:  # a shape-only model: nothing to mirror
             return
         weight = layer.weight.detach().flatten(1)
         samples, rate = self.config["samples"], self.config["rate"]
