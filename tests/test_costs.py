@@ -52,6 +52,10 @@ HAND_COUNTS = {
 }
 for name in ("fa", "usf", "frsf", "brsf", "kp"):  # layer-wise rules send delta @ B: like bp
     HAND_COUNTS[(name, ())] = HAND_COUNTS[("bp", ())]
+# Weight mirror also learns B of the layers that send an error down (2 and 4): a mirror product
+# W xi and an outer product y xi^T per sample, twice their forward MACs.
+HAND_COUNTS[("wm", ())] = {"0": (5, 15, 20, 15, 40), "2": (4, 20, 8, 60, 16),
+                           "4": (2, 8, 0, 24, 0), "total": (9, 43, 28, 99, 56)}
 
 
 @pytest.mark.parametrize("rule, options", sorted(HAND_COUNTS), ids=str)
@@ -60,7 +64,8 @@ def test_hand_counted_mlp(rule, options):
         pytest.skip(f"rule {rule!r} is not in this build")
     report = costs(tiny_mlp(), rule, (3,), **dict(options))
     assert table(report) == HAND_COUNTS[(rule, options)]
-    assert report.macs == 43 + HAND_COUNTS[(rule, options)]["total"][2] + 43
+    _, forward, error, update, _ = HAND_COUNTS[(rule, options)]["total"]
+    assert report.macs == forward + error + update
     # Sparse feedback is a gather, not a matrix product.
     expected_gather = 9 * dict(options).get("k", 0)
     assert report.total.gather == expected_gather
