@@ -156,8 +156,9 @@ def test_converted_model_is_priced_as_converted_and_left_alone():
     model = sdfa.convert(conv_net(), "dfa", k=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
+    model[1].eval()  # a frozen BatchNorm stays in eval mode
     report = costs(model, None, (2, 8, 8))
-    assert model.training
+    assert model.training and not model[1].training
     assert report.total.as_dict() | {"rule": ""} == (
         costs(conv_net(), "dfa", (2, 8, 8), k=1).total.as_dict() | {"rule": ""}
     )
@@ -204,8 +205,12 @@ def test_parse_rule():
 def test_bad_input():
     with pytest.raises(ValueError, match="input_shape"):
         costs(tiny_mlp(), "bp", (0,))
-    with pytest.raises(ValueError, match="cannot run on inputs of shape"):
+    with pytest.raises(ValueError, match="one input of shape"):
         costs(tiny_mlp(), "bp", (7,))
+    with pytest.raises(ValueError, match="give a rule"):
+        costs(tiny_mlp(), None, (3,))
+    with pytest.raises(ValueError, match="rule=None"):
+        costs(sdfa.convert(tiny_mlp(), "fa"), "fa", (3,))
     with pytest.raises(ValueError, match="unknown rule"):
         costs(tiny_mlp(), "nope", (3,))
 

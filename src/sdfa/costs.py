@@ -197,13 +197,17 @@ def costs(
             f"input_shape must be positive integers (one sample, no batch); got {input_shape}"
         )
     label = name or type(model).__name__
+    converted = _is_converted(model)
     if rule is None:
         if options:
             raise ValueError("options need a rule; a converted model has its rules already")
-        rules_of(model)  # raises a clear error for a model that is not converted
+        if not converted:
+            raise ValueError("rule=None prices a model converted by sdfa.convert; give a rule")
         trace = _trace(model, input_shape, meta=False)
         rule_label = _rule_label(rules_of(model), {})
     else:
+        if converted:
+            raise ValueError("this model is already converted: pass rule=None to price it as is")
         twin = convert(_meta_twin(model), rule, seed=seed, inplace=True, **options)
         trace = _trace(twin, input_shape, meta=True)
         rule_label = _rule_label(rule, options)
@@ -409,6 +413,14 @@ class _Call:
     input_grad: bool
 
 
+def _is_converted(model: nn.Module) -> bool:
+    try:
+        rules_of(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _meta_twin(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device (no data)."""
     memo = {}
@@ -438,15 +450,17 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], meta: bool):
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = "meta" if meta else (reference.device if reference is not None else "cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.enable_grad():
             model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"the model cannot run on inputs of shape {input_shape}: {err}") from err
+        raise ValueError(f"running the model on one input of shape {input_shape} failed: {err}"
+                         ) from err
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         for handle in handles:
             handle.remove()
     direct = {n: m for n, m in model.named_modules() if isinstance(m, DirectFeedback)}
