@@ -179,10 +179,9 @@ def costs(
     """Per-layer MACs and data movement of one training step of ``model`` trained by ``rule``.
 
     Args:
-        model: an ordinary model (it is not modified or copied: a weightless meta-device twin is
-            converted), or, with ``rule=None``, a model already converted by ``sdfa.convert``
-            (it is run once on a zero input in eval mode, which creates DFA feedback matrices
-            that do not exist yet, exactly as its first training step would).
+        model: an ordinary model, or, with ``rule=None``, a model already converted by
+            ``sdfa.convert``. It is neither modified nor copied: a weightless twin of it on the
+            meta device is converted and run once.
         rule: a rule name or per-part mapping, as for ``sdfa.convert``; None for a converted model.
         input_shape: the shape of one sample, without the batch dimension.
         seed, **options: passed to ``sdfa.convert`` (e.g. ``k=1``, ``rank=4``).
@@ -203,13 +202,13 @@ def costs(
             raise ValueError("options need a rule; a converted model has its rules already")
         if not converted:
             raise ValueError("rule=None prices a model converted by sdfa.convert; give a rule")
-        trace = _trace(model, input_shape, meta=False)
+        trace = _trace(_meta_twin(model), input_shape)
         rule_label = _rule_label(rules_of(model), {})
     else:
         if converted:
             raise ValueError("this model is already converted: pass rule=None to price it as is")
         twin = convert(_meta_twin(model), rule, seed=seed, inplace=True, **options)
-        trace = _trace(twin, input_shape, meta=True)
+        trace = _trace(twin, input_shape)
         rule_label = _rule_label(rule, options)
     return CostReport(label, rule_label, _price(*trace))
 
@@ -432,8 +431,8 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trace(model: nn.Module, input_shape: tuple[int, ...], meta: bool):
-    """Run one eval-mode forward pass; return the trainable-layer calls, DFA matrices and rules."""
+def _trace(model: nn.Module, input_shape: tuple[int, ...]):
+    """One eval-mode forward pass of a meta twin: trainable-layer calls, DFA matrices, rules."""
     calls: list[_Call] = []
     finished: dict[str, int] = {}  # module name -> order in which its forward finished
     names = {id(m): n for n, m in model.named_modules()}
@@ -446,23 +445,17 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], meta: bool):
             calls.append(_Call(name, module, tuple(x.shape[1:]), tuple(out.shape[1:]),
                                x.requires_grad))
 
-    handles = [m.register_forward_hook(record) for m in model.modules()]
+    for module in model.modules():
+        module.register_forward_hook(record)
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = "meta" if meta else (reference.device if reference is not None else "cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
         with torch.enable_grad():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            model.eval()(torch.zeros((1, *input_shape), device="meta", dtype=dtype))
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ValueError(f"running the model on one input of shape {input_shape} failed: {err}"
-                         ) from err
-    finally:
-        for module, training in modes:
-            module.training = training
-        for handle in handles:
-            handle.remove()
+        raise ValueError(
+            f"running the model on one input of shape {input_shape} failed: {err}"
+        ) from err
     direct = {n: m for n, m in model.named_modules() if isinstance(m, DirectFeedback)}
     return calls, direct, finished, rules_of(model)
 
