@@ -1,8 +1,9 @@
 """Layer-wise rules on scikit-learn's 8x8 digits: test accuracy and gradient alignment per rule.
 
-Trains the ``lenet5`` preset (1x8x8 input) with each rule, then measures on the training set, per
-layer, the angle between the rule's weight gradient and the true (backprop) gradient of the same
-weights. The output layer's angle is 0 for every layer-wise rule: its error is the true one.
+Trains the ``lenet5`` preset (1x8x8 input) with each rule, then measures on the whole training set,
+per layer, the angle between the rule's update (weight and bias gradient) and the true (backprop)
+gradient of the same weights, with ``sdfa.measure_alignment``. The output layer's angle is 0 for
+every layer-wise rule: its error is the true one.
 
     PYTHONPATH=src python benchmarks/layerwise_digits.py                 # every layer-wise rule
     PYTHONPATH=src python benchmarks/layerwise_digits.py --rules usf fa --epochs 30 --seeds 0 1 2
@@ -14,7 +15,6 @@ weights. The output layer's angle is 0 for every layer-wise rule: its error is t
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -69,19 +69,13 @@ def train(rule, epochs=20, seed=0, lr=3e-3, batch_size=32, weight_decay=0.0, man
 
 
 def alignment(model, x, y) -> dict[str, float]:
-    """Angle in degrees between the rule's gradient and the true gradient, per weight."""
-    weights = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    """Degrees between the rule's update and the true gradient, per layer."""
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    estimate = {n: p.grad.clone() for n, p in weights.items()}
-    with sdfa.backprop():
-        true = torch.autograd.grad(F.cross_entropy(model(x), y), list(weights.values()))
+    metrics = sdfa.measure_alignment(model, F.cross_entropy, x, y)
     model.zero_grad()
-    angles = {}
-    for (name, a), b in zip(estimate.items(), true):
-        cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1)
-        angles[name.removesuffix(".weight")] = math.degrees(math.acos(cos.item()))
-    return angles
+    prefix = "align/angle/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def main(argv=None):

@@ -11,24 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdfa
+from sdfa.alignment import angle
 from sdfa.layers import FeedbackLayer
 from sdfa.models import build_model
 from sdfa.optim import batch_manhattan
 from sdfa.rules import LayerwiseRule
 
-torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 RULES = ["fa", "usf", "frsf", "brsf", "kp", "wm"]
 
 
 def rms(w):
     return w.detach().square().mean().sqrt()
-
-
-def angle(a, b):
-    cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1)
-    return math.degrees(math.acos(cos.item()))
 
 
 def record_feedback(model):
@@ -204,7 +199,7 @@ def test_resnet_with_W_as_feedback_equals_autograd():
 def test_frsf_magnitudes_are_fixed_and_brsf_redrawn_both_sign_concordant():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
-    x, y = torch.randn(16, 40), torch.randint(0, 5, (16,))
+    x, y = torch.randn(16, 40, requires_grad=True), torch.randint(0, 5, (16,))
     magnitudes = {}
     for rule in ("frsf", "brsf"):
         model = sdfa.convert(base, rule, seed=0)
@@ -293,6 +288,29 @@ def test_eval_and_no_grad_do_not_build_feedback():
     assert len(used["conv1"]) == 1
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_measuring_alignment_leaves_training_unchanged(rule):
+    """Per-step draws (brsf, wm) come from the layer's generator in training passes only."""
+    torch.manual_seed(0)
+    base = build_model("lenet5", (1, 8, 8), 4)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    runs = []
+    for measure in (False, True):
+        model = sdfa.convert(base, rule, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if measure:
+                metrics = sdfa.measure_alignment(model, F.cross_entropy, x, y)
+                assert metrics["align/angle/fc3"] < 1e-6 < metrics["align/angle/fc1"]
+                sdfa.feedback_matrices(model)
+            opt.step()
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+
+
 # -- learned feedback: Kolen-Pollack and weight mirror ------------------------------------------
 
 
@@ -336,7 +354,7 @@ def test_wm_mirror_step_formula():
     gens = {n: copy.deepcopy(m.noise_generator) for n, m in layers.items()}
     before = {n: m.feedback.clone() for n, m in layers.items()}
     used = record_feedback(model)
-    model(torch.randn(2, 3, 4, 4)).sum().backward()
+    model(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
     for name, layer in layers.items():
         w = layer.weight.detach().flatten(1)
         xi = torch.randn(7, w.shape[1], generator=gens[name])  # noise into one receptive field
@@ -345,8 +363,9 @@ def test_wm_mirror_step_formula():
         torch.testing.assert_close(layer.feedback, expected)
         assert used[name][0] is layer.feedback  # the step comes before the pass that uses B
         assert layer.weight.grad is not None and layer.feedback.grad is None
-    # no mirror step outside training: eval mode, torch.no_grad(), sdfa.backprop()
-    x = torch.randn(2, 3, 4, 4)
+    # no mirror step when B is not used: eval mode, torch.no_grad(), sdfa.backprop(), and the
+    # first layer when the input needs no gradient
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
     frozen = {n: m.feedback for n, m in layers.items()}
     model.eval()(x)
     with torch.no_grad():
@@ -354,11 +373,13 @@ def test_wm_mirror_step_formula():
     with sdfa.backprop():
         model(x)
     assert all(layers[n].feedback is b for n, b in frozen.items())
+    model(x.detach())
+    assert layers["0"].feedback is frozen["0"] and layers["2"].feedback is not frozen["2"]
 
 
 def test_wm_feedback_converges_to_w():
     torch.manual_seed(0)
-    x = torch.randn(8, 20)
+    x = torch.randn(8, 20, requires_grad=True)
     model = sdfa.convert(nn.Sequential(nn.Linear(20, 10)), "wm", seed=0)
     B = lambda: model[0].feedback  # noqa: E731
     W = model[0].weight

@@ -11,7 +11,7 @@ from sdfa.layers import FeedbackLayer
 from sdfa.models import available_models, build_model
 from sdfa.models.resnet import PadShortcut
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):

@@ -157,7 +157,7 @@ def _random_feedback(layer: nn.Module, gen: torch.Generator, scale: float | None
     A layer whose weights are all zero gets PyTorch's default bound h = 1/sqrt(fan_in).
     """
     weight = layer.weight.detach()
-    if weight.is_meta:  # a shape-only model: nothing to draw
+    if weight.is_meta:  # a shape-only twin (sdfa.costs): there is nothing to draw
         return torch.empty_like(weight)
     if scale is None:
         rms = _rms(weight).item()
@@ -172,6 +172,19 @@ def _half_normal(layer: nn.Module, gen: torch.Generator) -> torch.Tensor:
         return torch.empty_like(weight)
     values = torch.randn(weight.shape, generator=gen, device=gen.device, dtype=weight.dtype)
     return values.abs_().to(weight.device)
+
+
+def _uses_feedback(layer: nn.Module, args: tuple) -> bool:
+    """Will this forward pass send an error through B? Training mode, autograd on (not inside
+    ``backprop()``) and an input that needs a gradient (not so for the first layer)."""
+    x = args[0] if args else None
+    return (
+        layer.training
+        and torch.is_grad_enabled()
+        and not backprop_enabled()
+        and isinstance(x, torch.Tensor)
+        and x.requires_grad
+    )
 
 
 def _noise_generator(layer: nn.Module) -> torch.Generator:
@@ -223,18 +236,24 @@ class FRSF(LayerwiseRule):
 
 
 @register_rule
-class BRSF(LayerwiseRule):
-    """Batchwise random-magnitude sign-concordant feedback: B = h M * sign(W), new M each step."""
+class BRSF(FRSF):
+    """Batchwise random-magnitude sign-concordant feedback: B = h M * sign(W), new M each step.
+
+    M is redrawn before every training forward pass that sends an error down, from the layer's
+    own seeded generator.
+    """
 
     name = "brsf"
     paper = "Liao, Leibo, Poggio 2016"
 
     def setup(self, layer, gen):
+        super().setup(layer, gen)
         layer.noise_generator = gen
+        layer.register_forward_pre_hook(self.redraw)
 
-    def feedback(self, layer):
-        magnitude = _half_normal(layer, _noise_generator(layer))
-        return magnitude * torch.sign(layer.weight.detach()) * _sign_amplitude(self, layer)
+    def redraw(self, layer, args):
+        if _uses_feedback(layer, args):
+            layer.magnitude = _half_normal(layer, _noise_generator(layer))
 
 
 @register_rule
@@ -255,7 +274,7 @@ class KP(FA):
 
 @register_rule
 class WM(FA):
-    """Weight mirror: before each training forward pass, B moves towards the layer's noise response.
+    """Weight mirror: before each training forward pass, B moves to the layer's noise response.
 
     The layer is driven with ``samples`` input noise vectors xi ~ N(0, I) (one receptive field
     each); its linear response y = W xi gives y^T xi / samples, an unbiased estimate of W, and
@@ -280,10 +299,7 @@ class WM(FA):
         layer.register_forward_pre_hook(self.mirror)
 
     def mirror(self, layer, args):
-        """One mirror step; only when the pass trains the layer (training mode, autograd on)."""
-        if not (layer.training and torch.is_grad_enabled()) or backprop_enabled():
-            return
-        if layer.weight.is_meta:  # a shape-only model: nothing to mirror
+        if not _uses_feedback(layer, args) or layer.weight.is_meta:  # meta: a shape-only twin
             return
         weight = layer.weight.detach().flatten(1)
         samples, rate = self.config["samples"], self.config["rate"]
