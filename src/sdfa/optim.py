@@ -4,7 +4,7 @@ Sign-concordant feedback delivers the right direction of the error but not its s
 the sign of each gradient entry makes the size irrelevant. Xiao et al. (2018) apply it before
 weight decay and momentum, which is what hooking the step of a torch.optim optimizer gives:
 
-    opt = sdfa.optim.batch_manhattan(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
+    opt = sdfa.batch_manhattan(torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
 
 The optimizer stays the same object (learning-rate schedulers, ``state_dict`` and closures keep
 working); ``.grad`` holds the true gradients again after each step.
