@@ -55,10 +55,25 @@ def _datasets(args) -> int:
     return 0
 
 
-def _train(args) -> int:
+def config_from_args(args) -> tuple[dict, object]:
+    """(the values given, the TrainConfig): defaults < --config file < flags < --set; with
+    --resume, the run's saved config with these values (which may not change what it computes)."""
     from .config import FIELDS, config_from_dict, load_toml, parse_override
-    from .data import DataError
-    from .train import TrainingDiverged, resume_config, train
+    from .train import resume_config
+
+    values = load_toml(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
+    values.update(parse_override(text) for text in args.set or ())
+    if not args.resume:
+        return values, config_from_dict(values)
+    if "out" not in values:
+        raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
+    return values, resume_config(values["out"], values)
+
+
+def _train(args) -> int:
+    from .config import FIELDS
+    from .train import TrainingDiverged, train
 
     if args.list_keys:
         from .config import TrainConfig
@@ -67,18 +82,11 @@ def _train(args) -> int:
         for name in FIELDS:
             print(f"{name:16s} {getattr(defaults, name)!r}")
         return 0
+    values = {}
     try:
-        values = load_toml(args.config) if args.config else {}
-        values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
-        values.update(parse_override(text) for text in args.set or ())
-        if args.resume:
-            if "out" not in values:
-                raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
-            config = resume_config(values["out"], values)
-        else:
-            config = config_from_dict(values)
+        values, config = config_from_args(args)
         summary = train(config, resume=args.resume)
-    except (ValueError, DataError) as error:
+    except ValueError as error:  # includes DataError: bad settings or bad data files
         print(f"sdfa train: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -26,6 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+FLOAT32_MAX = 3.4028234663852886e38  # optimizers apply these numbers to float32 tensors
 SCHEDULES = ("constant", "multistep", "cosine")
 
 
@@ -172,8 +173,9 @@ def validate(config: TrainConfig) -> None:
     if config.workers < 0:
         raise ValueError(f"workers must be >= 0; got {config.workers}")
     for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma"):
-        if not math.isfinite(getattr(config, key)) or getattr(config, key) < 0:
-            raise ValueError(f"{key} must be a finite number >= 0; got {getattr(config, key)!r}")
+        value = getattr(config, key)
+        if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+            raise ValueError(f"{key} must be a number in [0, {FLOAT32_MAX:.3g}]; got {value!r}")
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("lr_schedule", config.lr_schedule, SCHEDULES)
     if config.lr_schedule == "multistep" and not config.lr_milestones:

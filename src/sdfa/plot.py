@@ -63,9 +63,10 @@ def plot_runs(run_dirs, out: str | Path, title: str | None = None) -> Path:
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot needs at least one run directory")
+    metrics = [read_metrics(d) for d in run_dirs]
     groups: dict[str, list[dict]] = defaultdict(list)
-    for label, run_dir in zip(labels_for(run_dirs), run_dirs, strict=True):
-        groups[label].append(read_metrics(run_dir))
+    for label, columns in zip(labels_for(run_dirs), metrics, strict=True):
+        groups[label].append(columns)
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)

@@ -105,8 +105,8 @@ def prepare_batch(
 ) -> torch.Tensor:
     """Stored images -> normalized float32 model input (augmented when ``augment``)."""
     x = images.float()
-    if augment:
-        x = random_crop_flip(x, padding=4, generator=generator)
+    if augment:  # padding 4 for CIFAR's 32 x 32, scaled for other sizes
+        x = random_crop_flip(x, padding=max(1, x.shape[-1] // 8), generator=generator)
     mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) * data.value_range
     std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1) * data.value_range
     return (x - mean) / std

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from .core import TensorSplit
 
@@ -16,6 +14,9 @@ SPLIT_SEED = 0  # the split is part of the data set, not of a run: the same for 
 
 def load() -> tuple[TensorSplit, TensorSplit]:
     """A fixed stratified split: 1437 training and 360 test images, stored as uint8 0..16."""
+    from sklearn.datasets import load_digits  # imported here: scikit-learn takes seconds to load
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = digits.images.astype(np.uint8)[:, None]
     x_train, x_test, y_train, y_test = train_test_split(
