@@ -3,6 +3,8 @@ what could not run (with the files to download), and reuses finished runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sdfa.cli import main
@@ -21,9 +23,9 @@ def tiny_set() -> ExperimentSet:
             Experiment("digits MLP", "DFA k=1", {**TINY, "rule": "dfa", "k": 1}, seeds=(0, 1)),
             Experiment("MNIST MLP", "DFA", {**TINY, "dataset": "mnist"}),
             Experiment("digits other", "missing model", {**TINY, "model": "no-such-model"}),
-            Experiment("digits slow", "full only", {**TINY}, quick=None),
+            Experiment("digits slow", "full only", {**TINY}, skip_quick=True),
         ],
-        source="made up for the test", notes="one epoch",
+        source="made up for the test", notes="one epoch", quick={"train_samples": 64},
     )
 
 
@@ -36,13 +38,15 @@ def test_reproduce_tiny_set(tmp_path):
     assert "| digits MLP | DFA k=1 |" in text and " ± " in text  # two seeds: mean ± sd
     assert "sdfa reproduce tiny --quick" in text and "Quick run" in text
     # what did not run, and why
-    assert "MNIST MLP / DFA: data set 'mnist' was not found in" in text
+    assert "- MNIST MLP / DFA:\n  data set 'mnist' was not found in" in text
     assert "train-images-idx3-ubyte.gz" in text and str(data_root / "mnist") in text
-    assert "model 'no-such-model' is not in this installation" in text
-    assert "digits slow / full only: left out of --quick" in text
+    assert "- digits other / missing model:\n  model 'no-such-model' is not in" in text
+    assert "- digits slow / full only:\n  left out of --quick" in text
     assert "![digits MLP](curves-digits-mlp.png)" in text
     assert (out / "curves-digits-mlp.png").exists()
 
+    assert json.loads((out / "digits-mlp" / "bp" / "seed0" / "summary.json").read_text())[
+        "train_samples"] == 64  # the set's quick reductions apply
     summary = out / "digits-mlp" / "dfa-k-1" / "seed1" / "summary.json"
     stamp = summary.stat().st_mtime_ns
     reproduce(tiny_set(), out=out, quick=True, data_root=data_root, progress=False)
@@ -63,7 +67,7 @@ def test_published_sets_are_valid_configs(name):
     assert chosen.experiments and chosen.source
     for exp in chosen.experiments:
         config_from_dict(exp.config)
-        config_from_dict({**exp.config, **chosen.quick, **(exp.quick or {})})
+        config_from_dict({**exp.config, **(chosen.quick if exp.quick is None else exp.quick)})
         assert exp.published is None or 0 < exp.published < 100
 
 

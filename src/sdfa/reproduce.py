@@ -37,7 +37,8 @@ class Experiment:
     config: dict  # TrainConfig values
     published: float | None = None  # in the set's metric, percent
     seeds: tuple[int, ...] = (0,)
-    quick: dict | None = field(default_factory=dict)  # overrides for --quick; None: skip it
+    quick: dict | None = None  # config for --quick; None: the set's reductions, {}: unchanged
+    skip_quick: bool = False  # too slow for --quick
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ExperimentSet:
     experiments: list[Experiment]
     source: str  # where the published numbers come from
     notes: str = ""
-    quick: dict = field(default_factory=dict)  # overrides for every experiment with --quick
+    quick: dict = field(default_factory=dict)  # --quick reductions (epochs, data subsets)
 
 
 @dataclass
@@ -144,12 +145,12 @@ def _per_rule(base, group, rules, lrs, published=None, **kwargs) -> list[Experim
 
 def _moskovitz2018() -> ExperimentSet:
     rules = ["bp", "fa", "usf", "brsf", "frsf"]
-    exps = _per_rule({**DIGITS_32, "model": "resnet20", "lr_schedule": "cosine"},
+    exps = _per_rule({**DIGITS_32, "model": "resnet20", "lr_schedule": "cosine", "epochs": 10},
                      "digits 32x32 (stand-in), ResNet-20", rules, RESNET_LR, quick={})
     for depth in (20, 32, 56):
         base = {**CIFAR_SGD, "dataset": "cifar10", "model": f"resnet{depth}"}
         exps += _per_rule(base, f"CIFAR-10, ResNet-{depth}", rules, RESNET_LR,
-                          BIOTORCH.get(f"resnet{depth}"), quick={} if depth == 20 else None)
+                          BIOTORCH.get(f"resnet{depth}"), skip_quick=depth != 20)
     return ExperimentSet(
         "moskovitz2018",
         "Layer-wise rules on CIFAR ResNets: FA and sign-concordant feedback "
@@ -221,10 +222,10 @@ def reproduce(
     for exp in chosen.experiments:
         outcome = Outcome(exp)
         outcomes.append(outcome)
-        if quick and exp.quick is None:
+        if quick and exp.skip_quick:
             outcome.skipped = "left out of --quick (too slow for a quick run)"
             continue
-        values = {**exp.config, **({**chosen.quick, **exp.quick} if quick else {})}
+        values = {**exp.config, **(_quick_values(chosen, exp) if quick else {})}
         values.update(overrides or {})
         outcome.skipped = _unavailable(values, data_root)
         if outcome.skipped:
@@ -251,6 +252,10 @@ def reproduce(
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(render(chosen, outcomes, quick, out))
     return results
+
+
+def _quick_values(chosen: ExperimentSet, exp: Experiment) -> dict:
+    return chosen.quick if exp.quick is None else exp.quick
 
 
 def _run(config, run_dir: Path) -> dict:
@@ -331,13 +336,16 @@ def render(chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Pat
             f"{published} | {len(o.summaries)} | {epochs} | {seconds:.1f} |"
         )
     lines += ["", f"Published numbers: {chosen.source}", "", f"Protocol: {chosen.notes}"]
-    failed = [o for o in outcomes if o.skipped or (o.diverged and not o.summaries)]
-    if failed:
-        lines += ["", "## Not run", ""]
-        for o in failed:
+    reasons: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o.skipped or (o.diverged and not o.summaries):
             reason = o.skipped or "every seed diverged: " + o.diverged[0]
-            reason = reason.replace("\n", "\n  ")
-            lines.append(f"- {o.experiment.group} / {o.experiment.label}: {reason}")
+            reasons.setdefault(reason, []).append(f"{o.experiment.group} / {o.experiment.label}")
+    if reasons:
+        lines += ["", "## Not run", ""]
+        for reason, names in reasons.items():
+            lines.append(f"- {'; '.join(names)}:")
+            lines.append("  " + reason.replace("\n", "\n  "))
     groups = {}
     for o in outcomes:
         groups.setdefault(o.experiment.group, []).extend(o.run_dirs)
