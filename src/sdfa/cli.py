@@ -187,6 +187,8 @@ def _reproduce(args) -> int:
         overrides = dict(parse_override(text) for text in args.set or ())
         if args.threads:
             overrides["threads"] = args.threads
+        if args.download:
+            overrides["download"] = True
         results = reproduce(
             args.name, out=args.out, quick=args.quick, data_root=args.data_root,
             seeds=args.seeds, overrides=overrides, progress=not args.quiet,
@@ -227,6 +229,8 @@ def _add_plot_and_reproduce(commands) -> None:
                    help="folder with one sub-folder per data set (default: the cache folder)")
     r.add_argument("--seeds", type=int, metavar="N",
                    help="seeds per experiment (default: the set's)")
+    r.add_argument("--download", action="store_true",
+                   help="download missing data sets (official files, MD5-checked)")
     r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per run")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key in every run, e.g. --set device=cuda")

@@ -124,8 +124,7 @@ BIOTORCH = {
     "resnet56": {"bp": 8.3, "fa": 34.88, "dfa": 38.01, "usf": 8.2, "brsf": 8.69, "frsf": 9.49},
 }
 RULE_LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF"}
-# BioTorch's SGD learning rates (its LeNet and ResNet-20 CIFAR-10 configs): 0.1, except FA and
-# DFA, which diverge there.
+# The SGD learning rates of BioTorch's LeNet and ResNet-20 CIFAR-10 configs (benchmark_configs/).
 LENET_LR = {"bp": 0.1, "fa": 1e-3, "dfa": 1e-4, "usf": 0.1, "brsf": 0.1, "frsf": 0.1}
 RESNET_LR = {"bp": 0.1, "fa": 0.1, "dfa": 1e-3, "usf": 0.1, "brsf": 0.1, "frsf": 0.1}
 CIFAR_SGD = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128,
@@ -214,7 +213,8 @@ def reproduce(
     Args:
         data_root: folder holding one sub-folder per data set (default: the cache folder).
         seeds: number of seeds per experiment (default: the set's choice).
-        overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"}).
+        overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
+            {"download": True} fetches missing data sets).
     """
     chosen = _lookup(experiment_set)
     out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
@@ -227,11 +227,11 @@ def reproduce(
             continue
         values = {**exp.config, **(_quick_values(chosen, exp) if quick else {})}
         values.update(overrides or {})
-        outcome.skipped = _unavailable(values, data_root)
+        outcome.skipped = _unavailable(values, data_root, download=values.get("download", False))
         if outcome.skipped:
             continue
-        if data_root is not None and values["dataset"] != "digits":
-            values["data_dir"] = str(Path(data_root) / values["dataset"])
+        if _data_dir(data_root, values["dataset"]) is not None:
+            values["data_dir"] = str(_data_dir(data_root, values["dataset"]))
         for seed in range(seeds) if seeds else exp.seeds:
             run_dir = out / _slug(exp.group) / _slug(exp.label) / f"seed{seed}"
             config = config_from_dict({**values, "seed": seed, "out": str(run_dir),
@@ -273,19 +273,28 @@ def _lookup(experiment_set) -> ExperimentSet:
     return SETS[experiment_set]
 
 
-def _unavailable(values: dict, data_root) -> str:
-    """Why an experiment cannot run here ('' when it can)."""
+def _unavailable(values: dict, data_root, download: bool) -> str:
+    """Why an experiment cannot run here, one reason a line ('' when it can)."""
     dataset, model, rule = values["dataset"], values["model"], values.get("rule", "dfa")
+    problems = []
     if model not in MODELS:
-        return f"model {model!r} is not in this installation (models: {', '.join(sorted(MODELS))})"
+        problems.append(f"model {model!r} is not in this installation "
+                        f"(models: {', '.join(sorted(MODELS))})")
     if rule not in RULES:
-        return f"rule {rule!r} is not in this installation (rules: {', '.join(sorted(RULES))})"
-    directory = Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
+        problems.append(f"rule {rule!r} is not in this installation "
+                        f"(rules: {', '.join(sorted(RULES))})")
     if dataset not in DATASETS:
-        return f"unknown data set {dataset!r}"
-    if not is_present(dataset, directory):
-        return missing_message(dataset, directory)
-    return ""
+        problems.append(f"unknown data set {dataset!r}")
+    else:
+        directory = _data_dir(data_root, dataset)
+        if not download and not is_present(dataset, directory):
+            problems.append(missing_message(dataset, directory))
+    return "\n".join(problems)
+
+
+def _data_dir(data_root, dataset: str) -> Path | None:
+    """Where a data set is read from under ``data_root`` (None: the default place)."""
+    return Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
 
 
 def _slug(text: str) -> str:
@@ -318,9 +327,12 @@ def render(chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Pat
                   "runs, not what the full protocol reaches."]
     lines += [
         "",
-        f"| experiment | rule | ours: {metric} | published | seeds | epochs | train s/run |",
-        "|---|---|---|---|---|---|---|",
+        f"| experiment | rule | ours: {metric} | published | test loss | seeds | epochs "
+        "| train s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    if not any(o.summaries for o in outcomes):
+        lines.append("| *nothing could run here: see below* | | | | | | | |")
     for o in outcomes:
         if not o.summaries:
             continue
@@ -329,11 +341,12 @@ def render(chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Pat
             values = [100 - v for v in values]
         published = "—" if o.experiment.published is None else f"{o.experiment.published:.2f}"
         seconds = statistics.mean(s["train_seconds"] for s in o.summaries)
+        loss = statistics.mean(s["test_loss"] for s in o.summaries)
         epochs = o.summaries[0]["epochs"]
         diverged = f" ({len(o.diverged)} diverged)" if o.diverged else ""
         lines.append(
             f"| {o.experiment.group} | {o.experiment.label} | {_mean_sd(values)}{diverged} | "
-            f"{published} | {len(o.summaries)} | {epochs} | {seconds:.1f} |"
+            f"{published} | {loss:.4f} | {len(o.summaries)} | {epochs} | {seconds:.1f} |"
         )
     lines += ["", f"Published numbers: {chosen.source}", "", f"Protocol: {chosen.notes}"]
     reasons: dict[str, list[str]] = {}

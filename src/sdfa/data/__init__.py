@@ -166,13 +166,13 @@ def is_present(name: str, data_dir: str | Path | None = None) -> bool:
     return cifar.present(directory, spec.format)
 
 
-def missing_message(name: str, data_dir: str | Path | None = None) -> str:
+def missing_message(name: str, data_dir: str | Path | None = None, offer_download=True) -> str:
     """What to download and where to put it, for a data set that is not present."""
     spec = _spec(name)
     directory = dataset_dir(name, data_dir)
     if not spec.files:
         return f"data set {name!r} was not found in {directory}. {spec.note}"
-    return missing_files_message(name, directory, list(spec.files), spec.note)
+    return missing_files_message(name, directory, list(spec.files), spec.note, offer_download)
 
 
 def load_dataset(
@@ -203,8 +203,12 @@ def load_dataset(
         raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
     if not is_present(name, data_dir):
         if download and spec.files:
-            for remote in spec.files:
-                files.download(remote, directory)
+            try:
+                for remote in spec.files:
+                    files.download(remote, directory)
+            except DataError as error:
+                manual = missing_message(name, data_dir, offer_download=False)
+                raise DataError(f"{error}\n{manual}") from None
         else:
             raise DataError(missing_message(name, data_dir))
 

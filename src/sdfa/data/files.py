@@ -71,16 +71,16 @@ def download(remote: RemoteFile, directory: Path) -> Path:
 
 
 def missing_files_message(
-    dataset: str, directory: Path, files: list[RemoteFile], note: str = ""
+    dataset: str, directory: Path, files: list[RemoteFile], note: str = "", offer_download=True
 ) -> str:
     """The error text for absent files: what to download, from where, and where to put it."""
     lines = [f"data set {dataset!r} was not found in {directory}.", "Download these files:"]
     for remote in files:
         lines.append(f"  {remote.urls[0]}  (MD5 {remote.md5})")
-    lines.append(f"and put them in {directory} (or pass --data-dir DIR pointing at them),")
-    lines.append(
-        f"or run the same command with --download to fetch and verify them into {directory}."
-    )
+    lines.append(f"and put them in {directory} (or pass --data-dir DIR pointing at them)")
+    if offer_download:
+        lines[-1] += ","
+        lines.append("or run the same command with --download to fetch and check them there.")
     if note:
         lines.append(note)
     return "\n".join(lines)
