@@ -147,9 +147,9 @@ def to_toml(config: TrainConfig) -> str:
         if isinstance(value, dict):
             tables.append((key, value))
         else:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     for key, table in tables:
-        lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += ["", f"[{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -229,7 +229,8 @@ def _type_name(option) -> str:
             dict: "a table"}.get(option, str(option))
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """One value in TOML syntax (what ``--set`` and config files read)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -237,7 +238,7 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # JSON string escapes are valid TOML basic strings
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise ValueError(f"cannot write {value!r} ({type(value).__name__}) to TOML")

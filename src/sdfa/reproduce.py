@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import config_from_dict
+from .config import config_from_dict, toml_value
 from .data import DATASETS, DataError, is_present, missing_message
 from .models import MODELS
 from .plot import plot_runs
@@ -81,6 +81,14 @@ def _crafton2019() -> ExperimentSet:
               "batch_size": 32}
     exps = _rules(digits, rules([1, 2, 5], 1e-3), "digits (stand-in for MNIST), FC 64-400-10",
                   seeds=(0, 1, 2), quick={})
+    digits_conv = {**digits, "model": "crafton-mnist-conv", "epochs": 15, "lr": 1e-3}
+    heads = [("BP head", {"rule": "bp"}), ("DFA head", {"rule": "dfa"}),
+             ("DFA k=1 head", {"rule": "dfa", "k": 1})]
+    exps += _rules(digits_conv, rules([1], 1e-3), "digits, conv 32-64 + FC 1024-128-10",
+                   seeds=(0, 1, 2), quick={})
+    exps += _rules({**digits_conv, "transfer": True}, heads,
+                   "digits, conv transferred from BP, FC trained from scratch", seeds=(0, 1, 2),
+                   quick={})
     mnist_fc = {**adam, "dataset": "mnist", "model": "crafton-mnist-fc", "epochs": 300,
                 "batch_size": 32}
     exps += _rules(mnist_fc, rules([1, 2, 5], 1e-3), "MNIST, FC 784-400-10")
@@ -95,8 +103,6 @@ def _crafton2019() -> ExperimentSet:
         conv = {**adam, "dataset": dataset, "model": "crafton-cifar-conv", "eps": 1e-5,
                 "epochs": 100, "batch_size": 128}
         exps += _rules(conv, rules(ks[:1], 1e-4), f"{name}, conv 96-128-256 + FC 2048x2")
-        heads = [("BP head", {"rule": "bp"}), ("DFA head", {"rule": "dfa"}),
-                 ("DFA k=1 head", {"rule": "dfa", "k": 1})]
         exps += _rules({**conv, "lr": 1e-4, "transfer": True}, heads,
                        f"{name}, conv transferred from BP, FC trained from scratch")
     return ExperimentSet(
@@ -250,7 +256,13 @@ def reproduce(
             outcome.run_dirs.append(run_dir)
     results = out / "results.md"
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(render(chosen, outcomes, quick, out))
+    command = " ".join(
+        [f"sdfa reproduce {chosen.name}"] + ["--quick"] * quick
+        + ([f"--seeds {seeds}"] if seeds else [])
+        + ([f"--data-root {data_root}"] if data_root is not None else [])
+        + [f"--set {k}={toml_value(v)}" for k, v in (overrides or {}).items()]
+    )
+    results.write_text(render(chosen, outcomes, quick, out, command))
     return results
 
 
@@ -310,11 +322,12 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def render(chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Path) -> str:
+def render(
+    chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Path, command: str
+) -> str:
     """The Markdown report: one table of our numbers next to the published ones, then notes,
     what did not run and why, and the learning curves."""
     metric = "test accuracy (%)" if chosen.metric == "accuracy" else "top-1 test error (%)"
-    command = f"sdfa reproduce {chosen.name}" + (" --quick" if quick else "")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [
         f"# {chosen.title}",
