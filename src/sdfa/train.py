@@ -176,7 +176,8 @@ def build_model(config: TrainConfig, data: ImageData, features: dict | None = No
     if features is not None:
         model.features.load_state_dict(features)
     model = convert(model, rule, seed=config.seed, inplace=True, **options)
-    if config.zero_init if config.zero_init is not None else _saturating(model):
+    zero_init = _saturating(model) if config.zero_init is None else config.zero_init
+    if zero_init:
         _zero_dfa_layers(model)
     return model
 
