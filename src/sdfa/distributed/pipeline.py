@@ -1,0 +1,394 @@
+"""Layer-parallel training: an nn.Sequential split over ranks, with micro-batches in flight.
+
+Each rank holds one *stage*, a contiguous run of the model's blocks. A block starts at a child
+that holds a trainable layer (nn.Linear / nn.Conv2d) and runs up to the next one, so a stage
+boundary always falls on a *block output*: the input of a trainable layer, where DFA injects its
+feedback. The forward pass is the same for every rule: micro-batch after micro-batch, each rank
+receives its input from the rank before it, runs its stage and sends the result on, so the ranks
+work on different micro-batches at once. What follows depends on the rule:
+
+* ``dfa``: the last rank computes the output error e of every micro-batch and broadcasts it,
+  once per step (C values per sample), to all ranks. Every rank then computes the updates of its
+  own layers at once: each of its block outputs receives ``e @ B_l``, with B_l the same seeded
+  matrix that single-process DFA (:mod:`sdfa.dfa`) builds for that layer. Nothing travels back
+  from one rank to the one before it.
+* any other rule (``bp``, ``fa``, ``usf``, ...): the backward pass is a chain, so every rank
+  waits for the gradient of its output from the rank after it and sends its input gradient back
+  (the GPipe schedule). With ``bp`` this is the baseline that layer-parallel DFA is measured
+  against.
+
+Supported models: an ``nn.Sequential`` whose children hold at most one trainable layer each; a
+child that holds one must run it first (so the block input is the layer input); for DFA the last
+child must be the output layer, or end with it. The loss must be a mean over the samples (each
+micro-batch's loss is weighted by its share of the batch). Results equal single-process training
+up to float rounding, except for layers whose output depends on the other samples of a batch
+(BatchNorm in training mode sees micro-batches) and random layers (dropout draws differ).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert import TRAINABLE_LAYERS, convert
+from ..dfa import FEEDBACK_ATTR
+from .comm import Comm
+
+
+class Block(NamedTuple):
+    children: list[str]  # names of the model's children that form the block
+    layer: str  # qualified name of its trainable layer
+
+
+def blocks_of(model: nn.Module, *, output_last: bool = False) -> list[Block]:
+    """Group the children of ``model`` into blocks, each starting at a trainable layer.
+
+    Children before the first trainable one join the first block. Raises ValueError for models
+    outside the supported form (see the module docstring); ``output_last`` also requires the
+    last trainable layer to end the model (DFA takes the output error at its output).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"layer-parallel training splits an nn.Sequential between its children; got "
+            f"{type(model).__name__}. Write the model as nn.Sequential(block, block, ...)"
+        )
+    blocks: list[Block] = []
+    leading: list[str] = []
+    for name, child in model.named_children():
+        layers = [f"{name}.{n}" if n else name for n, m in child.named_modules() if _trainable(m)]
+        if len(layers) > 1:
+            raise ValueError(
+                f"child {name!r} of the model holds {len(layers)} trainable layers "
+                f"({', '.join(layers)}); layer-parallel training cuts the model between "
+                "children, so each child may hold at most one: make them separate children"
+            )
+        if layers:
+            if not _trainable(_end(child, 0)):
+                raise ValueError(
+                    f"child {name!r}: its trainable layer {layers[0]!r} must be the first module "
+                    "to run in it (the block input must be the layer input); move the modules "
+                    "before it into the previous child"
+                )
+            blocks.append(Block(leading + [name], layers[0]))
+            leading = []
+        elif blocks:
+            blocks[-1].children.append(name)
+        else:
+            leading.append(name)
+    if not blocks:
+        raise ValueError("the model has no trainable nn.Linear / nn.Conv2d layer")
+    if output_last and not _trainable(_end(model, -1)):
+        raise ValueError(
+            "DFA takes the output error at the output layer: the last module of the model must "
+            f"be its last trainable layer, not {type(_end(model, -1)).__name__}. Move trailing "
+            "modules (e.g. a softmax) into the loss function"
+        )
+    return blocks
+
+
+def balanced(num_blocks: int, num_stages: int) -> list[int]:
+    """Blocks per stage for an even contiguous split (the first stages take the remainder)."""
+    if num_stages > num_blocks:
+        raise ValueError(
+            f"layer-parallel training needs at least one block per rank: the model has "
+            f"{num_blocks} block(s) (one per trainable layer) but there are {num_stages} ranks"
+        )
+    base, extra = divmod(num_blocks, num_stages)
+    return [base + (i < extra) for i in range(num_stages)]
+
+
+def block_outputs(model: nn.Sequential, blocks: Sequence[Block], example_input) -> list:
+    """Each block's output for ``example_input``, computed without grad in eval mode.
+
+    Runs on any device, the meta device included (shapes only, nothing computed).
+    """
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        h = example_input
+        for block in blocks:
+            for name in block.children:
+                h = model.get_submodule(name)(h)
+            outputs.append(h)
+    model.train(was_training)
+    return outputs
+
+
+class LayerParallel:
+    """This rank's stage of ``model``, trained by ``rule`` in a pipeline over all ranks.
+
+    Every rank builds the same model (same seed) and passes it here; the rank keeps and trains
+    its own stage in place and leaves the rest of the model alone.
+
+    Args:
+        model: an nn.Sequential (see the module docstring for the supported form), unconverted,
+            on this rank's device.
+        rule: a rule name from ``sdfa.RULES``; ``"dfa"`` gives layer-parallel DFA.
+        example_input: a batch of inputs of the right shape (values unused), to size the buffers
+            and the feedback matrices; a batch of one is enough.
+        seed: the feedback seed, as in ``sdfa.convert`` (same seed, same matrices).
+        micro_batches: the batch is cut into this many micro-batches that flow through the
+            pipeline one after another.
+        balance: blocks per rank, e.g. ``[2, 1]``; default an even split.
+        loss_fn: ``loss_fn(output, target)``, a mean over the samples.
+        comm: the :class:`Comm` to use (and to read byte counts from); a new one by default.
+        **options: rule options, as in ``sdfa.convert`` (e.g. ``k=1``).
+
+    Usage (on every rank)::
+
+        stage = LayerParallel(model, "dfa", example_input=x[:1], k=1, micro_batches=4)
+        opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
+        for x, y in loader:            # the same batches on every rank
+            opt.zero_grad()
+            loss = stage.forward_backward(x, y)   # a float on the last rank, None elsewhere
+            opt.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Sequential,
+        rule: str = "dfa",
+        *,
+        example_input: torch.Tensor,
+        seed: int = 0,
+        micro_batches: int = 1,
+        balance: Sequence[int] | None = None,
+        loss_fn=F.cross_entropy,
+        comm: Comm | None = None,
+        **options,
+    ):
+        if not isinstance(rule, str):
+            raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
+        if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) \
+                or micro_batches < 1:
+            raise ValueError(f"micro_batches must be a positive integer; got {micro_batches!r}")
+        self.dfa = rule == "dfa"
+        if self.dfa and {"output", "boundaries", "example_input"} & set(options):
+            raise ValueError(
+                "layer-parallel DFA takes the block outputs at the children of the nn.Sequential "
+                "and the output at its last layer: options output=, boundaries= and "
+                "example_input= do not apply"
+            )
+        self.comm = comm or Comm()
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
+        self.micro_batches = micro_batches
+        self.loss_fn = loss_fn
+
+        blocks = blocks_of(model, output_last=self.dfa)
+        if self.dfa:
+            # The single-process engine builds the feedback matrices (same seed, same layer
+            # names, same code) on a converted copy; this stage's layers then take them over.
+            converted = convert(model, "dfa", seed=seed, example_input=example_input, **options)
+        else:  # layer-wise rules swap layers in place, under the same names
+            model = convert(model, rule, seed=seed, inplace=True, **options)
+        counts = list(balance) if balance is not None else balanced(len(blocks), self.world_size)
+        if len(counts) != self.world_size or sum(counts) != len(blocks) or min(counts) < 1:
+            raise ValueError(
+                f"balance must give each of the {self.world_size} ranks at least one block and "
+                f"add up to the model's {len(blocks)} blocks; got {counts}"
+            )
+        start = sum(counts[: self.rank])
+        mine = blocks[start : start + counts[self.rank]]
+        outputs = block_outputs(model, blocks, example_input)
+        self.in_shape = tuple((example_input if start == 0 else outputs[start - 1]).shape[1:])
+        self.dtype = outputs[-1].dtype
+        self.num_outputs = outputs[-1][0].numel()
+        self.device = outputs[-1].device
+
+        self.blocks = [
+            nn.Sequential(*(model.get_submodule(n) for n in block.children)) for block in mine
+        ]
+        # DFA: the feedback matrix of each of this stage's block outputs (None for the output).
+        self.feedbacks = [None] * len(mine)
+        if self.dfa:
+            for j, block in enumerate(mine):
+                if block is not blocks[-1]:
+                    feedback = converted.get_submodule(block.layer).get_submodule(FEEDBACK_ATTR)
+                    model.get_submodule(block.layer).add_module(FEEDBACK_ATTR, feedback)
+                    self.feedbacks[j] = feedback
+        self.stage = nn.Sequential(
+            OrderedDict((n, model.get_submodule(n)) for block in mine for n in block.children)
+        )
+        # Where this stage's parameters sit in model.parameters(): optimizer states are saved
+        # in the single-process layout.
+        before = [n for block in blocks[:start] for n in block.children]
+        self.param_offset = sum(sum(1 for _ in model.get_submodule(n).parameters()) for n in before)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def parameters(self):
+        """This stage's parameters (give them to the optimizer)."""
+        return self.stage.parameters()
+
+    def train(self, mode: bool = True) -> LayerParallel:
+        self.stage.train(mode)
+        return self
+
+    def eval(self) -> LayerParallel:
+        return self.train(False)
+
+    def forward_backward(self, x: torch.Tensor, target: torch.Tensor) -> float | None:
+        """One step's gradients for this stage's parameters (then call ``optimizer.step()``).
+
+        Every rank passes the same batch: the first rank reads ``x``, the last rank ``target``,
+        the others only the batch size. Returns the batch's mean loss on the last rank, None on
+        the others.
+        """
+        batch = len(x)
+        parts = self._micro_batches(batch)
+        steps = self._forward(x, parts, grad=True)
+        if not self.dfa:
+            return self._backward_chain(steps, parts, target, batch)
+        loss = None
+        error = torch.empty(batch, self.num_outputs, dtype=self.dtype, device=self.device)
+        if self.is_last:
+            loss = 0.0
+            for (_, _, y), part in zip(steps, parts):
+                y_leaf = y.detach().requires_grad_()
+                value = self.loss_fn(y_leaf, target[part]) * ((part.stop - part.start) / batch)
+                error[part] = torch.autograd.grad(value, y_leaf)[0].reshape(len(y), -1)
+                loss += value.item()
+        self.comm.broadcast(error, self.world_size - 1, "error")
+        self._inject(steps, parts, error)
+        return loss
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's output for ``x`` (a pipelined forward pass) on the last rank, else None."""
+        steps = self._forward(x, self._micro_batches(len(x)), grad=False)
+        return torch.cat([y for _, _, y in steps]) if self.is_last else None
+
+    def _micro_batches(self, batch: int) -> list[slice]:
+        bounds = torch.linspace(0, batch, min(self.micro_batches, batch) + 1).round().long()
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _forward(self, x, parts, grad: bool) -> list[tuple]:
+        """Run every micro-batch through this stage: (input, hidden block outputs, output) each."""
+        steps, sends = [], []
+        for part in parts:
+            if self.is_first:
+                h = x[part]
+            else:
+                shape = (part.stop - part.start, *self.in_shape)
+                h = torch.empty(shape, dtype=self.dtype, device=self.device)
+                self.comm.recv(h, self.rank - 1, "activations")
+                h.requires_grad_(grad and not self.dfa)
+            first, hidden = h, []
+            with torch.set_grad_enabled(grad):
+                for j, block in enumerate(self.blocks):
+                    if self.dfa and j:  # DFA: no gradient crosses a block output
+                        hidden.append(h)
+                        h = h.detach()
+                    h = block(h)
+            if not self.is_last:
+                sends.append(self.comm.isend(h.detach(), self.rank + 1, "activations"))
+                if self.dfa:
+                    hidden.append(h)
+            steps.append((first, hidden, h))
+        for send in sends:
+            send.wait()
+        return steps
+
+    def _inject(self, steps, parts, error) -> None:
+        """DFA: every hidden block output of this stage receives ``e @ B_l``; the output gets e."""
+        tensors, grads = [], []
+        feedbacks = [f for f in self.feedbacks if f is not None]
+        for (_, hidden, y), part in zip(steps, parts):
+            e = error[part]
+            for h, feedback in zip(hidden, feedbacks):
+                tensors.append(h)
+                grads.append(feedback.project(e).reshape(h.shape))
+            if self.is_last:
+                tensors.append(y)
+                grads.append(e.reshape(y.shape))
+        torch.autograd.backward(tensors, grads)
+
+    def _backward_chain(self, steps, parts, target, batch) -> float | None:
+        """Backprop-style rules: gradients travel back rank by rank, micro-batches in reverse."""
+        loss, sends = 0.0, []
+        for (first, _, y), part in reversed(list(zip(steps, parts))):
+            if self.is_last:
+                value = self.loss_fn(y, target[part]) * ((part.stop - part.start) / batch)
+                value.backward()
+                loss += value.item()
+            else:
+                grad = torch.empty_like(y)
+                self.comm.recv(grad, self.rank + 1, "gradients")
+                y.backward(grad)
+            if not self.is_first:
+                sends.append(self.comm.isend(first.grad, self.rank - 1, "gradients"))
+        for send in sends:
+            send.wait()
+        return loss if self.is_last else None
+
+    # -- checkpoints: the single-process layout -----------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        """The whole model's state_dict, keyed as in single-process training, on rank 0."""
+        own = {k: _cpu(v) for k, v in self.stage.state_dict().items()}
+        parts = self.comm.gather_object(own)
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load this stage's part of a whole-model state_dict (e.g. a single-process checkpoint)."""
+        own = {k: v for k, v in state.items() if k.partition(".")[0] in self.stage._modules}
+        self.stage.load_state_dict(own)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The state_dict that one optimizer over ``model.parameters()`` would have, on rank 0."""
+        local = optimizer.state_dict()
+        if len(local["param_groups"]) != 1:
+            raise ValueError("layer-parallel checkpoints support optimizers with one param group")
+        parts = self.comm.gather_object((self.param_offset, local), what="gathering optimizers")
+        if parts is None:
+            return None
+        state, params = {}, []
+        for offset, part in parts:
+            state.update({offset + i: s for i, s in part["state"].items()})
+            params += [offset + i for i in part["param_groups"][0]["params"]]
+        group = {**parts[0][1]["param_groups"][0], "params": params}
+        return {"state": state, "param_groups": [group]}
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load this stage's part of a whole-model optimizer state_dict."""
+        count = sum(1 for _ in self.stage.parameters())
+        span = range(self.param_offset, self.param_offset + count)
+        if len(state["param_groups"]) != 1:
+            raise ValueError("layer-parallel checkpoints support optimizers with one param group")
+        group = state["param_groups"][0]
+        params = [i - self.param_offset for i in group["params"] if i in span]
+        if len(params) != count:
+            raise ValueError(
+                f"the optimizer state covers {len(params)} of this stage's {count} parameters: "
+                "was it saved for another model?"
+            )
+        optimizer.load_state_dict({
+            "state": {i - self.param_offset: s for i, s in state["state"].items() if i in span},
+            "param_groups": [{**group, "params": params}],
+        })
+
+
+def _cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _trainable(module: nn.Module) -> bool:
+    return isinstance(module, TRAINABLE_LAYERS) and any(
+        p is not None for p in module._parameters.values()
+    )
+
+
+def _end(module: nn.Module, index: int) -> nn.Module:
+    """The first (index 0) or last (-1) module to run in ``module``, looking into Sequentials."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[index]
+    return module
