@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for a peer before giving up
+RENDEZVOUS_TIMEOUT = 300.0  # seconds spawned processes may take to start and meet
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -36,12 +37,15 @@ def launched() -> bool:
     return all(name in os.environ for name in _ENV)
 
 
-def setup(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> torch.device:
+def setup(
+    backend: str | None = None, timeout: float = DEFAULT_TIMEOUT, store: dist.Store | None = None
+) -> torch.device:
     """Join the process group described by the environment; return this rank's device.
 
     Args:
         backend: "gloo", "nccl" or None for :func:`default_backend`.
         timeout: seconds any communication may wait for a peer before failing.
+        store: the rendezvous store; by default the ``env://`` one (torchrun's).
     """
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
@@ -56,8 +60,12 @@ def setup(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> torch
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    options = {"store": store, "rank": int(os.environ["RANK"])} if store else {}
     dist.init_process_group(
-        backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout)
+        backend,
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(seconds=timeout),
+        **options,
     )
     return device
 
@@ -86,7 +94,7 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer; got {nproc!r}")
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errors = ctx.SimpleQueue()
     procs = [
         ctx.Process(target=_worker, args=(rank, env, backend, timeout, fn, args, errors))
@@ -115,6 +123,15 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
         raise RuntimeError(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
 
 
+def _context():
+    """Fresh processes; from a fork server that has imported torch once, where there is one."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "sdfa.distributed"])
+    return ctx
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -127,7 +144,12 @@ def _describe_exit(code: int) -> str:
 def _worker(rank, env, backend, timeout, fn, args, errors):
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     try:
-        setup(backend, timeout)
+        # Our own store, so that slow process start-up does not count against ``timeout``.
+        store = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+            is_master=rank == 0, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT),
+        )
+        setup(backend, timeout, store)
         fn(*args)
     except BaseException as err:  # report, then exit non-zero
         traceback.print_exc()
