@@ -261,8 +261,10 @@ def world_of_one():
     dist.destroy_process_group()
 
 
-def test_one_rank_is_single_process_training(world_of_one):
-    stage, data = layer_parallel("dfa-sparse-k1", balance=None)
+def test_one_rank_trains_a_converted_model_like_single_process(world_of_one):
+    model = sdfa.convert(conv_net(), "dfa", seed=SEED, k=1)
+    data = batches("conv")
+    stage = LayerParallel(model, example_input=data[0][0][:1], micro_batches=3)
     opt = torch.optim.Adam(stage.parameters(), lr=LR)
     for x, y in data:
         opt.zero_grad()
@@ -284,6 +286,11 @@ def test_one_rank_is_single_process_training(world_of_one):
     (mlp(), {"micro_batches": 0}, "micro_batches must be"),
     (mlp(), {"output": "2"}, "do not apply"),
     (mlp(), {"rule": {"": "dfa"}}, "one rule name"),
+    (mlp(), {"rule": None}, "pass rule="),
+    (mlp(), {"rule": None, "k": 1}, "options k are for converting"),
+    (sdfa.convert(mlp(), {"0": "bp", "": "dfa"}), {"rule": None}, "mixes bp, dfa"),
+    (sdfa.convert(mlp(), "dfa", boundaries=["1", "3"]), {"rule": None}, "does not feed the block"),
+    (sdfa.convert(mlp(), "dfa"), {}, "already converted"),
     (mlp(), {"k": 9}, "k must be an integer"),
 ])
 def test_unsupported_input_is_a_value_error(world_of_one, model, kwargs, message):

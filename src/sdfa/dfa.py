@@ -143,6 +143,8 @@ class DirectFeedbackAlignment:
         return entry[2]
 
     def _detach_input(self, module, args):
+        if backprop_enabled():  # the hooks step aside entirely (also for layer-parallel stages)
+            return None
         if self.output_ran:
             raise RuntimeError(
                 f"DFA: layer {self.names[id(module)]!r} ran after the output layer "
@@ -171,6 +173,8 @@ class DirectFeedbackAlignment:
         return self._record(self.names[id(module)], out)
 
     def _project(self, module, args, y):
+        if backprop_enabled():
+            return None
         self.output_ran = True
         if not self.pending:
             return None

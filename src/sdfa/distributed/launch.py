@@ -105,7 +105,7 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     deadline = None
     while any(p.is_alive() for p in procs):
         if deadline is None and any(p.exitcode not in (None, 0) for p in procs):
-            deadline = time.monotonic() + timeout + 5
+            deadline = time.monotonic() + timeout + 1
         if deadline is not None and time.monotonic() > deadline:
             for p in procs:
                 if p.is_alive():
@@ -128,7 +128,8 @@ def _context():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sdfa.distributed"])
+    # torch's first backward pass imports symbolic_shapes (and sympy): seconds, once per server.
+    ctx.set_forkserver_preload(["torch", "torch.fx.experimental.symbolic_shapes", __package__])
     return ctx
 
 

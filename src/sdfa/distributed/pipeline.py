@@ -27,6 +27,7 @@ up to float rounding, except for layers whose output depends on the other sample
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import TRAINABLE_LAYERS, convert
+from ..convert import TRAINABLE_LAYERS, convert, rules_of
 from ..dfa import FEEDBACK_ATTR
+from ..layers import backprop
 from .comm import Comm
 
 
@@ -121,28 +123,29 @@ def block_outputs(model: nn.Sequential, blocks: Sequence[Block], example_input) 
 
 
 class LayerParallel:
-    """This rank's stage of ``model``, trained by ``rule`` in a pipeline over all ranks.
+    """This rank's stage of ``model``, trained in a pipeline over all ranks.
 
     Every rank builds the same model (same seed) and passes it here; the rank keeps and trains
     its own stage in place and leaves the rest of the model alone.
 
     Args:
-        model: an nn.Sequential (see the module docstring for the supported form), unconverted,
-            on this rank's device.
-        rule: a rule name from ``sdfa.RULES``; ``"dfa"`` gives layer-parallel DFA.
+        model: an nn.Sequential (see the module docstring for the supported form) on this
+            rank's device: converted by ``sdfa.convert`` with one rule for every layer, or plain
+            (then give ``rule``). A DFA model gives layer-parallel DFA.
+        rule: a rule name from ``sdfa.RULES``, to convert a plain ``model`` in place.
         example_input: a batch of inputs of the right shape (values unused), to size the buffers
             and the feedback matrices; a batch of one is enough.
-        seed: the feedback seed, as in ``sdfa.convert`` (same seed, same matrices).
+        seed, **options: as in ``sdfa.convert`` (e.g. ``k=1``), with ``rule``.
         micro_batches: the batch is cut into this many micro-batches that flow through the
             pipeline one after another.
         balance: blocks per rank, e.g. ``[2, 1]``; default an even split.
         loss_fn: ``loss_fn(output, target)``, a mean over the samples.
         comm: the :class:`Comm` to use (and to read byte counts from); a new one by default.
-        **options: rule options, as in ``sdfa.convert`` (e.g. ``k=1``).
 
     Usage (on every rank)::
 
-        stage = LayerParallel(model, "dfa", example_input=x[:1], k=1, micro_batches=4)
+        model = sdfa.convert(build_my_sequential(), "dfa", k=1, seed=0)
+        stage = LayerParallel(model, example_input=x[:1], micro_batches=4)
         opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
         for x, y in loader:            # the same batches on every rank
             opt.zero_grad()
@@ -153,7 +156,7 @@ class LayerParallel:
     def __init__(
         self,
         model: nn.Sequential,
-        rule: str = "dfa",
+        rule: str | None = None,
         *,
         example_input: torch.Tensor,
         seed: int = 0,
@@ -163,31 +166,41 @@ class LayerParallel:
         comm: Comm | None = None,
         **options,
     ):
-        if not isinstance(rule, str):
-            raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) \
                 or micro_batches < 1:
             raise ValueError(f"micro_batches must be a positive integer; got {micro_batches!r}")
-        self.dfa = rule == "dfa"
-        if self.dfa and {"output", "boundaries", "example_input"} & set(options):
+        blocks = blocks_of(model)
+        if rule is not None:
+            if not isinstance(rule, str):
+                raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
+            if rule == "dfa" and {"output", "boundaries", "example_input"} & set(options):
+                raise ValueError(
+                    "layer-parallel DFA takes the block outputs at the children of the "
+                    "nn.Sequential and the output at its last layer: options output=, "
+                    "boundaries= and example_input= do not apply"
+                )
+            model = convert(model, rule, seed=seed, inplace=True, **options)
+        elif options:
             raise ValueError(
-                "layer-parallel DFA takes the block outputs at the children of the nn.Sequential "
-                "and the output at its last layer: options output=, boundaries= and "
-                "example_input= do not apply"
+                f"options {', '.join(sorted(options))} are for converting the model: pass rule= "
+                "with them, or a model already converted with them"
             )
+        rules = set(_rules_of(model).values())
+        self.dfa = "dfa" in rules
+        if self.dfa and rules != {"dfa"}:
+            raise ValueError(
+                "layer-parallel DFA needs every trainable layer trained by 'dfa'; this model "
+                f"mixes {', '.join(sorted(rules))}"
+            )
+        if self.dfa:
+            blocks = blocks_of(model, output_last=True)
+            _create_feedback(model, example_input)
         self.comm = comm or Comm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
         self.micro_batches = micro_batches
         self.loss_fn = loss_fn
 
-        blocks = blocks_of(model, output_last=self.dfa)
-        if self.dfa:
-            # The single-process engine builds the feedback matrices (same seed, same layer
-            # names, same code) on a converted copy; this stage's layers then take them over.
-            converted = convert(model, "dfa", seed=seed, example_input=example_input, **options)
-        else:  # layer-wise rules swap layers in place, under the same names
-            model = convert(model, rule, seed=seed, inplace=True, **options)
         counts = list(balance) if balance is not None else balanced(len(blocks), self.world_size)
         if len(counts) != self.world_size or sum(counts) != len(blocks) or min(counts) < 1:
             raise ValueError(
@@ -196,7 +209,10 @@ class LayerParallel:
             )
         start = sum(counts[: self.rank])
         mine = blocks[start : start + counts[self.rank]]
-        outputs = block_outputs(model, blocks, example_input)
+        with self._own_dfa():
+            outputs = block_outputs(model, blocks, example_input)
+        if self.dfa:
+            _check_feedback(model, blocks, outputs)
         self.in_shape = tuple((example_input if start == 0 else outputs[start - 1]).shape[1:])
         self.dtype = outputs[-1].dtype
         self.num_outputs = outputs[-1][0].numel()
@@ -205,14 +221,12 @@ class LayerParallel:
         self.blocks = [
             nn.Sequential(*(model.get_submodule(n) for n in block.children)) for block in mine
         ]
-        # DFA: the feedback matrix of each of this stage's block outputs (None for the output).
-        self.feedbacks = [None] * len(mine)
-        if self.dfa:
-            for j, block in enumerate(mine):
-                if block is not blocks[-1]:
-                    feedback = converted.get_submodule(block.layer).get_submodule(FEEDBACK_ATTR)
-                    model.get_submodule(block.layer).add_module(FEEDBACK_ATTR, feedback)
-                    self.feedbacks[j] = feedback
+        # DFA: the feedback matrix of each hidden block output of this stage, in order.
+        self.feedbacks = [
+            getattr(model.get_submodule(block.layer), FEEDBACK_ATTR)
+            for block in mine
+            if self.dfa and block is not blocks[-1]
+        ]
         self.stage = nn.Sequential(
             OrderedDict((n, model.get_submodule(n)) for block in mine for n in block.children)
         )
@@ -220,6 +234,10 @@ class LayerParallel:
         # in the single-process layout.
         before = [n for block in blocks[:start] for n in block.children]
         self.param_offset = sum(sum(1 for _ in model.get_submodule(n).parameters()) for n in before)
+
+    def _own_dfa(self):
+        """DFA: this class cuts and feeds the block outputs itself, so the hooks step aside."""
+        return backprop() if self.dfa else contextlib.nullcontext()
 
     # -- training ---------------------------------------------------------------------------
 
@@ -281,7 +299,7 @@ class LayerParallel:
                 self.comm.recv(h, self.rank - 1, "activations")
                 h.requires_grad_(grad and not self.dfa)
             first, hidden = h, []
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), self._own_dfa():
                 for j, block in enumerate(self.blocks):
                     if self.dfa and j:  # DFA: no gradient crosses a block output
                         hidden.append(h)
@@ -299,10 +317,9 @@ class LayerParallel:
     def _inject(self, steps, parts, error) -> None:
         """DFA: every hidden block output of this stage receives ``e @ B_l``; the output gets e."""
         tensors, grads = [], []
-        feedbacks = [f for f in self.feedbacks if f is not None]
         for (_, hidden, y), part in zip(steps, parts):
             e = error[part]
-            for h, feedback in zip(hidden, feedbacks):
+            for h, feedback in zip(hidden, self.feedbacks, strict=True):
                 tensors.append(h)
                 grads.append(feedback.project(e).reshape(h.shape))
             if self.is_last:
@@ -375,6 +392,39 @@ class LayerParallel:
             "state": {i - self.param_offset: s for i, s in state["state"].items() if i in span},
             "param_groups": [{**group, "params": params}],
         })
+
+
+def _rules_of(model: nn.Module) -> dict[str, str]:
+    try:
+        return rules_of(model)
+    except ValueError:
+        raise ValueError(
+            "pass rule= (e.g. 'dfa') to convert the model, or a model converted by sdfa.convert"
+        ) from None
+
+
+def _create_feedback(model: nn.Module, example_input: torch.Tensor) -> None:
+    """One forward pass through the DFA hooks creates the seeded feedback matrices, if missing."""
+    was_training = model.training
+    with torch.enable_grad():
+        model.eval()(example_input)
+    model.train(was_training)
+
+
+def _check_feedback(model: nn.Module, blocks: Sequence[Block], outputs) -> None:
+    """Every hidden block output, and nothing else, must have its (C, N) feedback matrix."""
+    expected = {b.layer: (outputs[-1][0].numel(), out[0].numel()) for b, out in
+                zip(blocks[:-1], outputs[:-1])}
+    found = {
+        name: tuple(getattr(m, FEEDBACK_ATTR).shape)
+        for name, m in model.named_modules() if getattr(m, FEEDBACK_ATTR, None) is not None
+    }
+    if found != expected:
+        raise ValueError(
+            "this model's DFA does not feed the block outputs at the children of the "
+            f"nn.Sequential (feedback matrices found: {found}; needed: {expected}). Convert it "
+            "without output= or boundaries=, or let LayerParallel convert it (rule='dfa')"
+        )
 
 
 def _cpu(value):
