@@ -1,11 +1,11 @@
 """Layer-parallel training: an nn.Sequential split over ranks, with micro-batches in flight.
 
-Each rank holds one *stage*, a contiguous run of the model's blocks. A block starts at a child
-that holds a trainable layer (nn.Linear / nn.Conv2d) and runs up to the next one, so a stage
-boundary always falls on a *block output*: the input of a trainable layer, where DFA injects its
-feedback. The forward pass is the same for every rule: micro-batch after micro-batch, each rank
-receives its input from the rank before it, runs its stage and sends the result on, so the ranks
-work on different micro-batches at once. What follows depends on the rule:
+Each rank holds one *stage*, a contiguous run of the model's blocks. A block starts at a
+trainable layer (nn.Linear / nn.Conv2d) and runs up to the next one, so a stage boundary always
+falls on a *block output*: the input of a trainable layer, where DFA injects its feedback. The
+forward pass is the same for every rule: micro-batch after micro-batch, each rank receives its
+input from the rank before it, runs its stage and sends the result on, so the ranks work on
+different micro-batches at once. What follows depends on the rule:
 
 * ``dfa``: the last rank computes the output error e of every micro-batch and broadcasts it,
   once per step (C values per sample), to all ranks. Every rank then computes the updates of its
@@ -17,18 +17,18 @@ work on different micro-batches at once. What follows depends on the rule:
   (the GPipe schedule). With ``bp`` this is the baseline that layer-parallel DFA is measured
   against.
 
-Supported models: an ``nn.Sequential`` whose children hold at most one trainable layer each; a
-child that holds one must run it first (so the block input is the layer input); for DFA the last
-child must be the output layer, or end with it. The loss must be a mean over the samples (each
-micro-batch's loss is weighted by its share of the batch). Results equal single-process training
-up to float rounding, except for layers whose output depends on the other samples of a batch
-(BatchNorm in training mode sees micro-batches) and random layers (dropout draws differ).
+Supported models: an ``nn.Sequential`` (nested nn.Sequentials are opened, as in the Crafton
+presets' ``features`` / ``classifier``) whose trainable layers are its modules, not parts of
+another container; for DFA the model ends with its output layer, and every trainable layer is
+trained by DFA or frozen. The loss must be a mean over the samples (each micro-batch's loss is
+weighted by its share of the batch). Results equal single-process training up to float
+rounding, except for layers whose output depends on the other samples of a batch (BatchNorm in
+training mode sees micro-batches) and random layers (dropout draws differ).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,51 +43,64 @@ from .comm import Comm
 
 
 class Block(NamedTuple):
-    children: list[str]  # names of the model's children that form the block
-    layer: str  # qualified name of its trainable layer
+    units: list[str]  # qualified names of the modules that form the block, in order
+    layer: str  # its trainable layer (the first unit)
 
 
-def blocks_of(model: nn.Module, *, output_last: bool = False) -> list[Block]:
-    """Group the children of ``model`` into blocks, each starting at a trainable layer.
+def units_of(model: nn.Module):
+    """(qualified name, module) of the modules that run one after another in ``model``.
 
-    Children before the first trainable one join the first block. Raises ValueError for models
-    outside the supported form (see the module docstring); ``output_last`` also requires the
-    last trainable layer to end the model (DFA takes the output error at its output).
+    Nested nn.Sequentials are opened; any other module is one unit.
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(
-            f"layer-parallel training splits an nn.Sequential between its children; got "
-            f"{type(model).__name__}. Write the model as nn.Sequential(block, block, ...)"
+            f"layer-parallel training splits an nn.Sequential between its modules; got "
+            f"{type(model).__name__}. Write the model as nn.Sequential(...) (nesting is fine)"
         )
+
+    def walk(module, prefix):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Sequential):
+                yield from walk(child, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", child
+
+    return list(walk(model, ""))
+
+
+def blocks_of(model: nn.Module, *, output_last: bool = False) -> list[Block]:
+    """Group the units of ``model`` (see :func:`units_of`) into blocks, one per trainable layer.
+
+    A block starts at a trainable layer and runs up to the next one; units before the first
+    trainable layer join the first block. Raises ValueError for models outside the supported
+    form (see the module docstring); ``output_last`` also requires the last trainable layer to
+    end the model (DFA takes the output error at its output).
+    """
+    units = units_of(model)
     blocks: list[Block] = []
     leading: list[str] = []
-    for name, child in model.named_children():
-        layers = [f"{name}.{n}" if n else name for n, m in child.named_modules() if _trainable(m)]
-        if len(layers) > 1:
-            raise ValueError(
-                f"child {name!r} of the model holds {len(layers)} trainable layers "
-                f"({', '.join(layers)}); layer-parallel training cuts the model between "
-                "children, so each child may hold at most one: make them separate children"
-            )
-        if layers:
-            if not _trainable(_end(child, 0)):
-                raise ValueError(
-                    f"child {name!r}: its trainable layer {layers[0]!r} must be the first module "
-                    "to run in it (the block input must be the layer input); move the modules "
-                    "before it into the previous child"
-                )
-            blocks.append(Block(leading + [name], layers[0]))
+    for name, unit in units:
+        if _trainable(unit):
+            blocks.append(Block(leading + [name], name))
             leading = []
-        elif blocks:
-            blocks[-1].children.append(name)
+            continue
+        inner = [f"{name}.{n}" for n, m in unit.named_modules() if _trainable(m)]
+        if inner:
+            raise ValueError(
+                f"{name!r} ({type(unit).__name__}) holds trainable layer(s) {', '.join(inner)}: "
+                "layer-parallel training cuts the model between the modules of (nested) "
+                "nn.Sequentials, so write this part as an nn.Sequential too"
+            )
+        if blocks:
+            blocks[-1].units.append(name)
         else:
             leading.append(name)
     if not blocks:
         raise ValueError("the model has no trainable nn.Linear / nn.Conv2d layer")
-    if output_last and not _trainable(_end(model, -1)):
+    if output_last and not _trainable(units[-1][1]):
         raise ValueError(
             "DFA takes the output error at the output layer: the last module of the model must "
-            f"be its last trainable layer, not {type(_end(model, -1)).__name__}. Move trailing "
+            f"be its last trainable layer, not {type(units[-1][1]).__name__}. Move trailing "
             "modules (e.g. a softmax) into the loss function"
         )
     return blocks
@@ -115,7 +128,7 @@ def block_outputs(model: nn.Sequential, blocks: Sequence[Block], example_input) 
     with torch.no_grad():
         h = example_input
         for block in blocks:
-            for name in block.children:
+            for name in block.units:
                 h = model.get_submodule(name)(h)
             outputs.append(h)
     model.train(was_training)
@@ -175,7 +188,7 @@ class LayerParallel:
                 raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
             if rule == "dfa" and {"output", "boundaries", "example_input"} & set(options):
                 raise ValueError(
-                    "layer-parallel DFA takes the block outputs at the children of the "
+                    "layer-parallel DFA takes the block outputs at the trainable layers of the "
                     "nn.Sequential and the output at its last layer: options output=, "
                     "boundaries= and example_input= do not apply"
                 )
@@ -185,12 +198,12 @@ class LayerParallel:
                 f"options {', '.join(sorted(options))} are for converting the model: pass rule= "
                 "with them, or a model already converted with them"
             )
-        rules = set(_rules_of(model).values())
-        self.dfa = "dfa" in rules
-        if self.dfa and rules != {"dfa"}:
+        layer_rules = _rules_of(model)
+        self.dfa = "dfa" in layer_rules.values()
+        if self.dfa and set(layer_rules.values()) - {"dfa", "frozen"}:
             raise ValueError(
-                "layer-parallel DFA needs every trainable layer trained by 'dfa'; this model "
-                f"mixes {', '.join(sorted(rules))}"
+                "layer-parallel DFA needs every trainable layer trained by 'dfa' or frozen; this "
+                f"model mixes {', '.join(sorted(set(layer_rules.values())))}"
             )
         if self.dfa:
             blocks = blocks_of(model, output_last=True)
@@ -211,29 +224,25 @@ class LayerParallel:
         mine = blocks[start : start + counts[self.rank]]
         with self._own_dfa():
             outputs = block_outputs(model, blocks, example_input)
+        # DFA: the feedback matrix of each block output that learns (not the model output).
+        feedback_of = {
+            b.layer: getattr(model.get_submodule(b.layer), FEEDBACK_ATTR, None)
+            for b in blocks[:-1] if layer_rules[b.layer] == "dfa"
+        }
         if self.dfa:
-            _check_feedback(model, blocks, outputs)
+            _check_feedback(feedback_of, blocks, outputs)
         self.in_shape = tuple((example_input if start == 0 else outputs[start - 1]).shape[1:])
         self.dtype = outputs[-1].dtype
         self.num_outputs = outputs[-1][0].numel()
         self.device = outputs[-1].device
 
-        self.blocks = [
-            nn.Sequential(*(model.get_submodule(n) for n in block.children)) for block in mine
-        ]
-        # DFA: the feedback matrix of each hidden block output of this stage, in order.
-        self.feedbacks = [
-            getattr(model.get_submodule(block.layer), FEEDBACK_ATTR)
-            for block in mine
-            if self.dfa and block is not blocks[-1]
-        ]
-        self.stage = nn.Sequential(
-            OrderedDict((n, model.get_submodule(n)) for block in mine for n in block.children)
-        )
-        # Where this stage's parameters sit in model.parameters(): optimizer states are saved
-        # in the single-process layout.
-        before = [n for block in blocks[:start] for n in block.children]
-        self.param_offset = sum(sum(1 for _ in model.get_submodule(n).parameters()) for n in before)
+        self.units = [(n, model.get_submodule(n)) for block in mine for n in block.units]
+        self.blocks = [[model.get_submodule(n) for n in block.units] for block in mine]
+        self.feedbacks = [feedback_of.get(block.layer) for block in mine]
+        # Where this stage's parameters sit among the model's learning parameters: optimizer
+        # states are saved as one optimizer over those would save them.
+        before = [model.get_submodule(n) for block in blocks[:start] for n in block.units]
+        self.param_offset = sum(p.requires_grad for m in before for p in m.parameters())
 
     def _own_dfa(self):
         """DFA: this class cuts and feeds the block outputs itself, so the hooks step aside."""
@@ -242,11 +251,13 @@ class LayerParallel:
     # -- training ---------------------------------------------------------------------------
 
     def parameters(self):
-        """This stage's parameters (give them to the optimizer)."""
-        return self.stage.parameters()
+        """This stage's learning parameters (requires_grad), for its optimizer; may be empty."""
+        for _, unit in self.units:
+            yield from (p for p in unit.parameters() if p.requires_grad)
 
     def train(self, mode: bool = True) -> LayerParallel:
-        self.stage.train(mode)
+        for _, unit in self.units:
+            unit.train(mode)
         return self
 
     def eval(self) -> LayerParallel:
@@ -304,7 +315,8 @@ class LayerParallel:
                     if self.dfa and j:  # DFA: no gradient crosses a block output
                         hidden.append(h)
                         h = h.detach()
-                    h = block(h)
+                    for unit in block:
+                        h = unit(h)
             if not self.is_last:
                 sends.append(self.comm.isend(h.detach(), self.rank + 1, "activations"))
                 if self.dfa:
@@ -319,9 +331,10 @@ class LayerParallel:
         tensors, grads = [], []
         for (_, hidden, y), part in zip(steps, parts):
             e = error[part]
-            for h, feedback in zip(hidden, self.feedbacks, strict=True):
-                tensors.append(h)
-                grads.append(feedback.project(e).reshape(h.shape))
+            for h, feedback in zip(hidden, self.feedbacks):  # the output has no feedback
+                if feedback is not None:
+                    tensors.append(h)
+                    grads.append(feedback.project(e).reshape(h.shape))
             if self.is_last:
                 tensors.append(y)
                 grads.append(e.reshape(y.shape))
@@ -338,7 +351,8 @@ class LayerParallel:
             else:
                 grad = torch.empty_like(y)
                 self.comm.recv(grad, self.rank + 1, "gradients")
-                y.backward(grad)
+                if y.requires_grad:  # a frozen first stage has nothing to learn
+                    y.backward(grad)
             if not self.is_first:
                 sends.append(self.comm.isend(first.grad, self.rank - 1, "gradients"))
         for send in sends:
@@ -349,7 +363,10 @@ class LayerParallel:
 
     def state_dict(self) -> dict | None:
         """The whole model's state_dict, keyed as in single-process training, on rank 0."""
-        own = {k: _cpu(v) for k, v in self.stage.state_dict().items()}
+        own = {
+            k: _cpu(v) for name, unit in self.units
+            for k, v in unit.state_dict(prefix=f"{name}.").items()
+        }
         parts = self.comm.gather_object(own)
         if parts is None:
             return None
@@ -357,27 +374,36 @@ class LayerParallel:
 
     def load_state_dict(self, state: dict) -> None:
         """Load this stage's part of a whole-model state_dict (e.g. a single-process checkpoint)."""
-        own = {k: v for k, v in state.items() if k.partition(".")[0] in self.stage._modules}
-        self.stage.load_state_dict(own)
+        for name, unit in self.units:
+            prefix = f"{name}."
+            unit.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            )
 
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict | None:
-        """The state_dict that one optimizer over ``model.parameters()`` would have, on rank 0."""
-        local = optimizer.state_dict()
-        if len(local["param_groups"]) != 1:
-            raise ValueError("layer-parallel checkpoints support optimizers with one param group")
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer | None) -> dict | None:
+        """On rank 0, the state_dict of one optimizer over the whole model's learning parameters.
+
+        ``optimizer`` holds ``stage.parameters()`` in one param group; None on a rank that has
+        nothing to learn.
+        """
+        local = None if optimizer is None else self._check_optimizer(optimizer).state_dict()
         parts = self.comm.gather_object((self.param_offset, local), what="gathering optimizers")
         if parts is None:
             return None
-        state, params = {}, []
+        state, params, group = {}, [], None
         for offset, part in parts:
-            state.update({offset + i: s for i, s in part["state"].items()})
-            params += [offset + i for i in part["param_groups"][0]["params"]]
-        group = {**parts[0][1]["param_groups"][0], "params": params}
-        return {"state": state, "param_groups": [group]}
+            if part is not None:
+                state.update({offset + i: s for i, s in part["state"].items()})
+                params += [offset + i for i in part["param_groups"][0]["params"]]
+                group = group or part["param_groups"][0]
+        return {"state": state, "param_groups": [{**group, "params": params}]}
 
-    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Load this stage's part of a whole-model optimizer state_dict."""
-        count = sum(1 for _ in self.stage.parameters())
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer | None, state: dict):
+        """Load this stage's part of a whole-model optimizer state_dict (one param group)."""
+        count = len(list(self.parameters()))
+        if optimizer is None:
+            return
+        self._check_optimizer(optimizer)
         span = range(self.param_offset, self.param_offset + count)
         if len(state["param_groups"]) != 1:
             raise ValueError("layer-parallel checkpoints support optimizers with one param group")
@@ -392,6 +418,17 @@ class LayerParallel:
             "state": {i - self.param_offset: s for i, s in state["state"].items() if i in span},
             "param_groups": [{**group, "params": params}],
         })
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(optimizer.param_groups) != 1 or [id(p) for p in held] != [
+            id(p) for p in self.parameters()
+        ]:
+            raise ValueError(
+                "layer-parallel checkpoints need an optimizer over stage.parameters(), in one "
+                "param group"
+            )
+        return optimizer
 
 
 def _rules_of(model: nn.Module) -> dict[str, str]:
@@ -411,19 +448,17 @@ def _create_feedback(model: nn.Module, example_input: torch.Tensor) -> None:
     model.train(was_training)
 
 
-def _check_feedback(model: nn.Module, blocks: Sequence[Block], outputs) -> None:
-    """Every hidden block output, and nothing else, must have its (C, N) feedback matrix."""
-    expected = {b.layer: (outputs[-1][0].numel(), out[0].numel()) for b, out in
-                zip(blocks[:-1], outputs[:-1])}
-    found = {
-        name: tuple(getattr(m, FEEDBACK_ATTR).shape)
-        for name, m in model.named_modules() if getattr(m, FEEDBACK_ATTR, None) is not None
-    }
-    if found != expected:
+def _check_feedback(feedback_of: dict, blocks: Sequence[Block], outputs) -> None:
+    """Each learning block output, and nothing else, must have its (C, N) feedback matrix."""
+    num_outputs = outputs[-1][0].numel()
+    needed = {b.layer: (num_outputs, out[0].numel()) for b, out in zip(blocks, outputs)
+              if b.layer in feedback_of}
+    found = {name: tuple(f.shape) for name, f in feedback_of.items() if f is not None}
+    if found != needed:
         raise ValueError(
-            "this model's DFA does not feed the block outputs at the children of the "
-            f"nn.Sequential (feedback matrices found: {found}; needed: {expected}). Convert it "
-            "without output= or boundaries=, or let LayerParallel convert it (rule='dfa')"
+            "this model's DFA does not feed the block outputs of the nn.Sequential (feedback "
+            f"matrices found: {found}; needed: {needed}). Convert it without output= or "
+            "boundaries=, or let LayerParallel convert it (rule='dfa')"
         )
 
 
@@ -437,8 +472,3 @@ def _trainable(module: nn.Module) -> bool:
     )
 
 
-def _end(module: nn.Module, index: int) -> nn.Module:
-    """The first (index 0) or last (-1) module to run in ``module``, looking into Sequentials."""
-    while isinstance(module, nn.Sequential) and len(module):
-        module = module[index]
-    return module
