@@ -24,6 +24,7 @@ from sdfa.distributed import (
     block_sizes,
     blocks_of,
     data_parallel,
+    launched,
     pipeline_traffic,
     setup,
     spawn,
@@ -34,18 +35,23 @@ SEED, STEPS, BATCH, LR = 3, 3, 10, 0.01
 F64 = 8  # bytes per value
 
 
+F64_LAYER = {"dtype": torch.float64}
+
+
 def mlp():
     torch.manual_seed(0)
-    layers = [nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4)]
-    return nn.Sequential(*layers).double()
+    a, b, c = (nn.Linear(i, o, **F64_LAYER) for i, o in ((6, 9), (9, 7), (7, 4)))
+    return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c)
 
 
 def conv_net():
     """Nested like the Crafton presets; the conv block's output has 3 x 2 x 2 = 12 values."""
     torch.manual_seed(0)
-    features = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2))
-    classifier = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 4))
-    return nn.Sequential(OrderedDict(features=features, classifier=classifier)).double()
+    features = nn.Sequential(nn.Conv2d(1, 3, 3, **F64_LAYER), nn.ReLU(), nn.MaxPool2d(2))
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 5, **F64_LAYER), nn.Tanh(), nn.Linear(5, 4, **F64_LAYER)
+    )
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
 
 
 MODELS = {"mlp": (mlp, (6,)), "conv": (conv_net, (1, 6, 6))}
@@ -102,6 +108,17 @@ def layer_parallel(name, **overrides):
 def optimizer_of(stage):
     params = list(stage.parameters())
     return torch.optim.Adam(params, lr=LR) if params else None
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_of_a_fresh_process():
+    """The spawned processes start with torch's default dtype, so the references computed here
+    must too (another test module may have changed it): Adam's step counter and sparse feedback
+    draws follow it."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(saved)
 
 
 # -- the jobs (run in every spawned process) ------------------------------------------------------
@@ -320,6 +337,17 @@ def test_unsupported_input_is_a_value_error(world_of_one, model, kwargs, message
         LayerParallel(model.double(), kwargs.pop("rule"), example_input=example, **kwargs)
 
 
+def test_guard_names_the_failed_call_and_lets_model_errors_through(world_of_one):
+    comm = Comm()
+    with pytest.raises(PeerFailure, match=r"rank 0 of 1: the step failed \(.*Connection reset"):
+        with comm.guard("the step"):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection reset by peer")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as failure:
+        with comm.guard("the step", only_backend_errors=True):
+            torch.zeros(2, 3) @ torch.zeros(2, 3)
+    assert not isinstance(failure.value, PeerFailure)
+
+
 def test_blocks_start_at_trainable_layers():
     blocks = blocks_of(conv_net())
     assert [b.units for b in blocks] == [
@@ -364,6 +392,7 @@ def test_stage_boundaries_from_a_model_on_the_meta_device():
 def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    assert not launched()
     with pytest.raises(RuntimeError, match="torchrun"):
         setup()
     with pytest.raises(RuntimeError, match="not initialized"):
