@@ -138,8 +138,8 @@ def block_outputs(model: nn.Sequential, blocks: Sequence[Block], example_input) 
 class LayerParallel:
     """This rank's stage of ``model``, trained in a pipeline over all ranks.
 
-    Every rank builds the same model (same seed) and passes it here; the rank keeps and trains
-    its own stage in place and leaves the rest of the model alone.
+    Every rank builds the same model (same seed) and passes it here; the rank trains its own
+    stage in place (the whole model runs once, on ``example_input``, to size the stages).
 
     Args:
         model: an nn.Sequential (see the module docstring for the supported form) on this
@@ -182,29 +182,9 @@ class LayerParallel:
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) \
                 or micro_batches < 1:
             raise ValueError(f"micro_batches must be a positive integer; got {micro_batches!r}")
-        blocks = blocks_of(model)
-        if rule is not None:
-            if not isinstance(rule, str):
-                raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
-            if rule == "dfa" and {"output", "boundaries", "example_input"} & set(options):
-                raise ValueError(
-                    "layer-parallel DFA takes the block outputs at the trainable layers of the "
-                    "nn.Sequential and the output at its last layer: options output=, "
-                    "boundaries= and example_input= do not apply"
-                )
-            model = convert(model, rule, seed=seed, inplace=True, **options)
-        elif options:
-            raise ValueError(
-                f"options {', '.join(sorted(options))} are for converting the model: pass rule= "
-                "with them, or a model already converted with them"
-            )
-        layer_rules = _rules_of(model)
+        blocks = blocks_of(model)  # check the structure before converting in place
+        model, layer_rules = _converted(model, rule, seed, options)
         self.dfa = "dfa" in layer_rules.values()
-        if self.dfa and set(layer_rules.values()) - {"dfa", "frozen"}:
-            raise ValueError(
-                "layer-parallel DFA needs every trainable layer trained by 'dfa' or frozen; this "
-                f"model mixes {', '.join(sorted(set(layer_rules.values())))}"
-            )
         if self.dfa:
             blocks = blocks_of(model, output_last=True)
             _create_feedback(model, example_input)
@@ -431,13 +411,36 @@ class LayerParallel:
         return optimizer
 
 
-def _rules_of(model: nn.Module) -> dict[str, str]:
+def _converted(model: nn.Module, rule, seed: int, options: dict):
+    """(the model converted by ``rule`` in place, or as it is; the rule of each layer)."""
+    if rule is not None:
+        if not isinstance(rule, str):
+            raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
+        if rule == "dfa" and {"output", "boundaries", "example_input"} & set(options):
+            raise ValueError(
+                "layer-parallel DFA takes the block outputs at the trainable layers of the "
+                "nn.Sequential and the output at its last layer: options output=, boundaries= "
+                "and example_input= do not apply"
+            )
+        model = convert(model, rule, seed=seed, inplace=True, **options)
+    elif options:
+        raise ValueError(
+            f"options {', '.join(sorted(options))} are for converting the model: pass rule= with "
+            "them, or a model already converted with them"
+        )
     try:
-        return rules_of(model)
+        layer_rules = rules_of(model)
     except ValueError:
         raise ValueError(
             "pass rule= (e.g. 'dfa') to convert the model, or a model converted by sdfa.convert"
         ) from None
+    rules = set(layer_rules.values())
+    if "dfa" in rules and rules - {"dfa", "frozen"}:
+        raise ValueError(
+            "layer-parallel DFA needs every trainable layer trained by 'dfa' or frozen; this "
+            f"model mixes {', '.join(sorted(rules))}"
+        )
+    return model, layer_rules
 
 
 def _create_feedback(model: nn.Module, example_input: torch.Tensor) -> None:
