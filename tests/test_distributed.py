@@ -4,6 +4,7 @@ The multi-process jobs run once per module (starting processes is the slow part)
 every rank saw; the tests compare that with single-process runs computed here, in float64.
 """
 
+import json
 import os
 import time
 from collections import OrderedDict
@@ -16,10 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdfa
+import sdfa.train
+from sdfa.cli import main
+from sdfa.config import config_from_dict
 from sdfa.distributed import (
     Comm,
     LayerParallel,
     PeerFailure,
+    ProcessFailure,
     balanced,
     block_sizes,
     blocks_of,
@@ -399,3 +404,56 @@ def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
         Comm()
     with pytest.raises(ValueError, match="nproc"):
         spawn(print, 0)
+
+
+# -- the training tool: sdfa train --nproc 2 ------------------------------------------------------
+
+RUN = {"epochs": 2, "train_samples": 256, "threads": 1, "progress": False, "tensorboard": False}
+
+
+class DiesOnRank1(sdfa.train.Callback):
+    """Kills rank 1 in the middle of the second epoch (after the first checkpoint)."""
+
+    def on_step_end(self, trainer, inputs, labels, loss):
+        if trainer.comm.rank == 1 and trainer.global_step == 11:
+            os._exit(9)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    sdfa.train.train(config_from_dict({**RUN, "out": str(out)}))
+    return out
+
+
+def assert_same_run(run, reference):
+    final, expected = (torch.load(d / "final.pt") for d in (run, reference))
+    assert list(final) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    summary, expected = (json.loads((d / "summary.json").read_text()) for d in (run, reference))
+    assert set(summary) == set(expected)
+    for key in ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "epochs"):
+        assert summary[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_cli_data_parallel_run_equals_the_single_process_run(tmp_path, single_run):
+    out = tmp_path / "run"
+    args = ["--nproc", "2", "--parallel", "data", "--epochs", "2", "--quiet", "--out", str(out),
+            "--set", "train_samples=256", "--set", "threads=1", "--set", "tensorboard=false"]
+    assert main(["train", *args]) == 0
+    assert_same_run(out, single_run)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single_run.iterdir())
+
+
+def test_layer_parallel_run_stops_when_a_rank_dies_and_resumes(tmp_path, single_run):
+    config = config_from_dict({**RUN, "out": str(tmp_path / "run"), "nproc": 2,
+                               "parallel": "layer", "micro_batches": 3})
+    with pytest.raises(ProcessFailure) as failure:
+        sdfa.train.train(config, callbacks=[DiesOnRank1()])
+    message = str(failure.value)
+    assert "rank 1: exited with code 9" in message and "rank 0: PeerFailure" in message
+    assert f"sdfa train --out {config.out} --resume" in message
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    sdfa.train.train(config, resume=True)
+    assert_same_run(tmp_path / "run", single_run)

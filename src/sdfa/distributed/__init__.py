@@ -13,7 +13,15 @@
 
 from .comm import Comm, PeerFailure
 from .data_parallel import data_parallel
-from .launch import DEFAULT_TIMEOUT, default_backend, launched, setup, spawn, teardown
+from .launch import (
+    DEFAULT_TIMEOUT,
+    ProcessFailure,
+    default_backend,
+    launched,
+    setup,
+    spawn,
+    teardown,
+)
 from .pipeline import LayerParallel, balanced, block_outputs, blocks_of
 from .traffic import Traffic, block_sizes, pipeline_traffic, stage_boundaries
 
@@ -22,6 +30,7 @@ __all__ = [
     "Comm",
     "LayerParallel",
     "PeerFailure",
+    "ProcessFailure",
     "Traffic",
     "balanced",
     "block_outputs",

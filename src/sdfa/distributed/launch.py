@@ -25,6 +25,10 @@ RENDEZVOUS_TIMEOUT = 300.0  # seconds spawned processes may take to start and me
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+class ProcessFailure(RuntimeError):
+    """One or more of the processes started by :func:`spawn` failed (the message names them)."""
+
+
 def default_backend() -> str:
     """NCCL when this process has a GPU and NCCL is built in, gloo otherwise."""
     if torch.cuda.is_available() and dist.is_nccl_available():
@@ -88,8 +92,8 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
 
     Each process is set up like a torchrun worker (:func:`setup` has been called when ``fn``
     starts). If a process fails, the others are given ``timeout`` seconds to notice and stop on
-    their own (each prints its own error); then this raises a RuntimeError that names every
-    failed rank. ``fn`` and ``args`` must be picklable (a module-level function).
+    their own (each prints its own error); then this raises :class:`ProcessFailure`, which names
+    every failed rank. ``fn`` and ``args`` must be picklable (a module-level function).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer; got {nproc!r}")
@@ -120,7 +124,7 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
     if failed:
         lines = [f"rank {r}: {messages.get(r) or _describe_exit(code)}" for r, code in failed]
-        raise RuntimeError(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
+        raise ProcessFailure(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
 
 
 def _context():

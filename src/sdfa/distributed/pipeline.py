@@ -193,6 +193,7 @@ class LayerParallel:
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
         self.micro_batches = micro_batches
         self.loss_fn = loss_fn
+        self.output: torch.Tensor | None = None  # the last batch's output (last rank)
 
         counts = list(balance) if balance is not None else balanced(len(blocks), self.world_size)
         if len(counts) != self.world_size or sum(counts) != len(blocks) or min(counts) < 1:
@@ -248,11 +249,13 @@ class LayerParallel:
 
         Every rank passes the same batch: the first rank reads ``x``, the last rank ``target``,
         the others only the batch size. Returns the batch's mean loss on the last rank, None on
-        the others.
+        the others; the last rank also keeps the model's output for the batch in ``output``.
         """
         batch = len(x)
         parts = self._micro_batches(batch)
         steps = self._forward(x, parts, grad=True)
+        if self.is_last:
+            self.output = torch.cat([y.detach() for _, _, y in steps])
         if not self.dfa:
             return self._backward_chain(steps, parts, target, batch)
         loss = None
@@ -380,13 +383,15 @@ class LayerParallel:
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer | None, state: dict):
         """Load this stage's part of a whole-model optimizer state_dict (one param group)."""
-        count = len(list(self.parameters()))
-        if optimizer is None:
-            return
-        self._check_optimizer(optimizer)
-        span = range(self.param_offset, self.param_offset + count)
+        if optimizer is not None:
+            self._check_optimizer(optimizer).load_state_dict(self.local_optimizer_state(state))
+
+    def local_optimizer_state(self, state: dict) -> dict:
+        """This stage's part of a whole-model optimizer state_dict, indexed as its optimizer's."""
         if len(state["param_groups"]) != 1:
             raise ValueError("layer-parallel checkpoints support optimizers with one param group")
+        count = len(list(self.parameters()))
+        span = range(self.param_offset, self.param_offset + count)
         group = state["param_groups"][0]
         params = [i - self.param_offset for i in group["params"] if i in span]
         if len(params) != count:
@@ -394,10 +399,10 @@ class LayerParallel:
                 f"the optimizer state covers {len(params)} of this stage's {count} parameters: "
                 "was it saved for another model?"
             )
-        optimizer.load_state_dict({
+        return {
             "state": {i - self.param_offset: s for i, s in state["state"].items() if i in span},
             "param_groups": [{**group, "params": params}],
-        })
+        }
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         held = [p for group in optimizer.param_groups for p in group["params"]]
