@@ -113,7 +113,7 @@ def config_from_args(args) -> tuple[dict, object]:
 
 def _train(args) -> int:
     from .config import FIELDS
-    from .distributed import ProcessFailure
+    from .distributed import ProcessFailure, is_main_process
     from .train import TrainingDiverged, train
 
     if args.list_keys:
@@ -141,6 +141,8 @@ def _train(args) -> int:
         hint = f": continue with 'sdfa train --out {out} --resume'" if out else ""
         print(f"sdfa train: interrupted{hint}", file=sys.stderr)
         return 130
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return 0
     rule = summary["rule"] + "".join(
         f" {key}={summary[key]}" for key in ("k", "rank") if summary[key] is not None
     )

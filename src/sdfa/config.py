@@ -82,7 +82,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     # several processes (sdfa.distributed): checkpoints keep the single-process layout
-    nproc: int = 1  # processes to start on this machine (under torchrun: its world size)
+    nproc: int = 1  # processes to start on this machine (leave 1 under torchrun)
     parallel: str = "data"  # data: DDP; layer: the layers split over the processes
     micro_batches: int = 4  # parallel = "layer": micro-batches in flight per batch
 

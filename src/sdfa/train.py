@@ -530,6 +530,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         ValueError / DataError: a bad configuration or bad data (message says what to fix).
         TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
     """
+    from .distributed import is_main_process
     from .distributed import training as parallel
 
     distributed = parallel.join()  # under torchrun, or in a process started by launch()
@@ -541,7 +542,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     else:
         run_dir = _run_dir(config, resume)
     trainer_class = parallel.trainer_class(config) if distributed else Trainer
-    writes = not distributed or torch.distributed.get_rank() == 0
+    writes = is_main_process()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # unstable feedback-alignment runs can crawl on subnormals
@@ -575,6 +576,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     if writes:
         save_atomic(final, run_dir / "final.pt")
         _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if distributed:  # the other ranks may read these files next (transfer protocol)
+        parallel.barrier("writing the run directory")
     return summary
 
 

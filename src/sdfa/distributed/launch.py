@@ -74,6 +74,11 @@ def setup(
     return device
 
 
+def is_main_process() -> bool:
+    """True in a single process, and on rank 0 of a process group (the one that reports)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

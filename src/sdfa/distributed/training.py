@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..train import MetricsLog, Trainer, TrainingDiverged, build_optimizer, build_scheduler
 from .comm import Comm
 from .data_parallel import data_parallel
-from .launch import ProcessFailure, launched, setup, spawn
+from .launch import ProcessFailure, is_main_process, launched, setup, spawn
 from .pipeline import LayerParallel
 
 
@@ -77,6 +77,11 @@ def agree(decide):
     return value
 
 
+def barrier(what: str) -> None:
+    with Comm().guard(what):
+        dist.barrier()
+
+
 def trainer_class(config) -> type[Trainer]:
     return {"data": DataParallelTrainer, "layer": LayerParallelTrainer}[config.parallel]
 
@@ -102,7 +107,7 @@ class _DistributedTrainer(Trainer):
 
     def __init__(self, config, data, model, run_dir, **kwargs):
         self.comm = Comm()
-        self.writes = self.comm.rank == 0
+        self.writes = is_main_process()
         if not self.writes:
             config = dataclasses.replace(config, progress=False)
         super().__init__(config, data, model, run_dir, **kwargs)
