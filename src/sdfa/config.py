@@ -28,6 +28,7 @@ else:  # pragma: no cover
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 FLOAT32_MAX = 3.4028234663852886e38  # optimizers apply these numbers to float32 tensors
 SCHEDULES = ("constant", "multistep", "cosine")
+PARALLEL = ("data", "layer")
 
 
 @dataclass
@@ -80,12 +81,16 @@ class TrainConfig:
     eval_batch_size: int = 1000
     progress: bool = True
     tensorboard: bool = True
+    # several processes (sdfa.distributed): checkpoints keep the single-process layout
+    nproc: int = 1  # processes to start on this machine (leave 1 under torchrun)
+    parallel: str = "data"  # data: DDP; layer: the layers split over the processes
+    micro_batches: int = 4  # parallel = "layer": micro-batches in flight per batch
 
 
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset(
     {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
-     "progress", "tensorboard"}
+     "progress", "tensorboard", "nproc", "parallel", "micro_batches"}
 )
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -161,7 +166,7 @@ def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError for values out of range (names are checked where they are looked up)."""
-    positive = ("epochs", "batch_size", "eval_batch_size", "lr")
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr", "nproc", "micro_batches")
     for key in positive:
         if not getattr(config, key) > 0:
             raise ValueError(f"{key} must be > 0; got {getattr(config, key)!r}")
@@ -177,6 +182,7 @@ def validate(config: TrainConfig) -> None:
         if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
             raise ValueError(f"{key} must be a number in [0, {FLOAT32_MAX:.3g}]; got {value!r}")
     _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("parallel", config.parallel, PARALLEL)
     _choice("lr_schedule", config.lr_schedule, SCHEDULES)
     if config.lr_schedule == "multistep" and not config.lr_milestones:
         raise ValueError(

@@ -294,6 +294,8 @@ class MetricsLog:
 class Trainer:
     """One run: the model, its optimizer and data, and the loop over epochs."""
 
+    writes = True  # this process writes the run directory (not so on ranks other than 0)
+
     def __init__(
         self,
         config: TrainConfig,
@@ -328,7 +330,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": self.history,
             "config": dataclasses.asdict(self.config),
-            "model": self.model.state_dict(),
+            "model": self.model_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -340,6 +342,9 @@ class Trainer:
             },
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
+
+    def model_state_dict(self) -> dict:
+        return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -374,7 +379,9 @@ class Trainer:
                     cb.on_epoch_end(self, row)
                 self.history.append(row)
                 self.log.epoch(self.history)
-                save_atomic(self.state_dict(), self.run_dir / "last.pt")
+                state = self.state_dict()  # on every rank: gathering it may take all of them
+                if self.writes:
+                    save_atomic(state, self.run_dir / "last.pt")
                 self._report(row)
         finally:
             self.log.close()
@@ -422,13 +429,17 @@ class Trainer:
             "eval_seconds": time.perf_counter() - start,
         }
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimization step on a batch of stored images; returns (mean loss, correct)."""
+    def prepare(self, images, labels, *, augment: bool | None = None):
+        """(model input, labels) on the device; training batches are augmented if configured."""
         x = prepare_batch(
             images.to(self.device, non_blocking=True), self.data,
-            augment=self.augment, generator=self.augment_rng,
+            augment=self.augment if augment is None else augment, generator=self.augment_rng,
         )
-        y = labels.to(self.device, non_blocking=True)
+        return x, labels.to(self.device, non_blocking=True)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """One optimization step on a batch of stored images; returns (mean loss, correct)."""
+        x, y = self.prepare(images, labels)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
@@ -447,8 +458,7 @@ class Trainer:
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader or self.test_loader:
-            x = prepare_batch(images.to(self.device), self.data)
-            y = labels.to(self.device)
+            x, y = self.prepare(images, labels, augment=False)
             logits = self.model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
@@ -520,7 +530,19 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         ValueError / DataError: a bad configuration or bad data (message says what to fix).
         TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
     """
-    run_dir = _run_dir(config, resume)
+    from .distributed import is_main_process
+    from .distributed import training as parallel
+
+    distributed = parallel.join()  # under torchrun, or in a process started by launch()
+    if config.nproc > 1 and not distributed:  # start the processes; each runs train()
+        config = dataclasses.replace(config, out=str(_run_dir(config, resume)))
+        return parallel.launch(train, config, resume=resume, callbacks=callbacks)
+    if distributed:
+        run_dir = parallel.agree(lambda: _run_dir(config, resume))
+    else:
+        run_dir = _run_dir(config, resume)
+    trainer_class = parallel.trainer_class(config) if distributed else Trainer
+    writes = is_main_process()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # unstable feedback-alignment runs can crawl on subnormals
@@ -530,7 +552,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     )
     seed_everything(config.seed)
     model = build_model(config, data)  # before the run directory exists: bad settings fail here
-    if not resume:
+    if not resume and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text(run_dir / "config.toml", to_toml(dataclasses.replace(config, out=str(run_dir))))
     pretrain = None
@@ -539,19 +561,23 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         seed_everything(config.seed)
         model = build_model(config, data, features)
     frozen = [model.features] if config.transfer else []
-    trainer = Trainer(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
+    trainer = trainer_class(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
-    if config.progress:
+    if config.progress and writes:
         sizes = f"{len(data.train)} training / {len(data.test)} test samples"
         print(f"run directory: {run_dir}  ({sizes})")
     summary = trainer.fit()
     if pretrain is not None:
         summary["pretrain"] = pretrain
-    save_atomic(trainer.model.state_dict(), run_dir / "final.pt")
-    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    final = trainer.model_state_dict()
+    if writes:
+        save_atomic(final, run_dir / "final.pt")
+        _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if distributed:  # the other ranks may read these files next (transfer protocol)
+        parallel.barrier("writing the run directory")
     return summary
 
 
