@@ -36,4 +36,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
 
 
-from . import alexnet, lenet, mlp, resnet  # noqa: E402,F401  (registers the presets)
+from . import alexnet, crafton, lenet, mlp, resnet  # noqa: E402,F401  (registers the presets)
