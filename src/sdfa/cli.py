@@ -196,6 +196,9 @@ def _add_train(commands) -> None:
     run.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     run.add_argument("--quiet", dest="progress", action="store_const", const=False,
                      help="no progress bar and no per-epoch lines")
+    run.add_argument("--log-alignment", dest="log_alignment", type=int, metavar="N",
+                     help="every N steps, measure per layer how the rule's update aligns with "
+                     "the true gradient, into RUN_DIR/alignment.csv (default 0: off)")
     run.add_argument("--list-keys", action="store_true", default=False,
                      help="list every config key with its default and exit")
     p.set_defaults(run=_train)

@@ -80,12 +80,13 @@ class TrainConfig:
     eval_batch_size: int = 1000
     progress: bool = True
     tensorboard: bool = True
+    log_alignment: int = 0  # measure the alignment with the true gradient every N steps (0: off)
 
 
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset(
     {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
-     "progress", "tensorboard"}
+     "progress", "tensorboard", "log_alignment"}
 )
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -170,8 +171,9 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and not value > 0:
             raise ValueError(f"{key} must be > 0 (or left unset); got {value!r}")
-    if config.workers < 0:
-        raise ValueError(f"workers must be >= 0; got {config.workers}")
+    for key in ("workers", "log_alignment"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key} must be >= 0; got {getattr(config, key)}")
     for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma"):
         value = getattr(config, key)
         if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
