@@ -209,7 +209,7 @@ def _plot(args) -> int:
 
     default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png")
     try:
-        path = plot_runs(args.runs, args.output or default, title=args.title)
+        path = plot_runs(args.runs, args.output or default, title=args.title, x=args.x)
     except ValueError as error:
         print(f"sdfa plot: error: {error}", file=sys.stderr)
         return 2
@@ -245,13 +245,18 @@ def _reproduce(args) -> int:
 def _add_plot_and_reproduce(commands) -> None:
     p = commands.add_parser(
         "plot", help="draw learning curves of runs into a PNG",
-        description="Draw test accuracy and training loss per epoch of one or several runs into "
-        "one PNG. Runs with the same settings (seeds) are drawn as mean and min-max band.",
+        description="Draw test accuracy and training loss per epoch (or against the training "
+        "MACs) of one or several runs into one PNG, and, for runs trained with --log-alignment, "
+        "the angle between each layer's update and the true gradient over the steps. Runs with "
+        "the same settings (seeds) are drawn as mean and min-max band.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (sdfa train --out)")
     p.add_argument("-o", "--output", metavar="FILE.png",
                    help="output file (default RUN_DIR/curves.png for one run, else ./curves.png)")
     p.add_argument("--title", help="figure title")
+    p.add_argument("--x", choices=("epoch", "macs"), default="epoch",
+                   help="x axis of accuracy and loss: the epoch (default) or the MACs spent "
+                   "training (accuracy against compute)")
     p.set_defaults(run=_plot)
 
     r = commands.add_parser(
