@@ -46,9 +46,9 @@ def _costs(args) -> int:
 
     try:
         text = report(
-            args.model, args.rule or PAPER_RULES, input_shape=args.input_shape,
-            num_classes=args.num_classes, model_options=dict(args.model_option), seed=args.seed,
-            markdown=args.markdown,
+            args.model, args.rule or PAPER_RULES, dataset=args.dataset,
+            input_shape=args.input_shape, num_classes=args.num_classes,
+            model_options=dict(args.model_option), seed=args.seed, markdown=args.markdown,
         )
     except ValueError as err:
         print(f"sdfa costs: error: {err}", file=sys.stderr)
@@ -294,9 +294,13 @@ def _add_costs(commands) -> None:
         "bp, fa, dfa and dfa k=1, with ratios against bp. Definitions: docs/costs.md.",
     )
     costs.add_argument("--model", help="a model preset (see `sdfa models`)")
+    costs.add_argument("--dataset", metavar="NAME",
+                       help="size the preset for this data set's images and classes, as "
+                       "`sdfa train --dataset` does (the files are not needed)")
     costs.add_argument("--input-shape", type=_shape, metavar="C,H,W",
-                       help="shape of one input sample, e.g. 1,28,28 (required with --model)")
-    costs.add_argument("--num-classes", type=int, default=10, help="model outputs (default 10)")
+                       help="shape of one input sample, e.g. 1,28,28 (instead of --dataset)")
+    costs.add_argument("--num-classes", type=int,
+                       help="model outputs (default: the data set's, else 10)")
     costs.add_argument("--model-option", type=_key_value, action="append", default=[],
                        metavar="KEY=VALUE", help="option of the preset, e.g. hidden=[400]")
     costs.add_argument("--rule", action="append", metavar="SPEC",
