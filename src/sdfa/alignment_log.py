@@ -75,15 +75,17 @@ class AlignmentLog(Callback):
 
 
 def _keep_steps(path, last_step: int) -> list[str] | None:
-    """Drop the rows after ``last_step`` (logged by a killed run after its last checkpoint);
-    returns the file's columns, or None when there is no file yet."""
+    """Keep the rows up to ``last_step``, dropping those a killed run logged after its last
+    checkpoint (the last of them possibly cut short); returns the file's columns, or None when
+    no row is left (the file is then removed)."""
     if not path.exists():
         return None
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        rows = [row for row in reader if int(row["step"]) <= last_step]
+        rows = [row for row in reader if _complete(row) and int(row["step"]) <= last_step]
         columns = reader.fieldnames
-    if not columns:
+    if not rows:
+        path.unlink()
         return None
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
@@ -91,3 +93,8 @@ def _keep_steps(path, last_step: int) -> list[str] | None:
     writer.writerows(rows)
     _write_text(path, text.getvalue())
     return list(columns)
+
+
+def _complete(row: dict) -> bool:
+    """False for a line cut short (missing cells) or garbled (extra cells)."""
+    return None not in row and None not in row.values()
