@@ -161,8 +161,8 @@ def _metrics_row(fig, groups: dict[str, list[Columns]], x: str) -> None:
 def _alignment_row(fig, groups: dict[str, list[Columns]]) -> None:
     """One panel per setting: one colour per layer, from the input (dark) to the output.
 
-    The y axis is shared and starts at 0; it reaches at least 90 degrees (orthogonal: no better
-    than a random direction)."""
+    Every panel has the same y axis, from 0 to at least 90 degrees (orthogonal: no better than a
+    random direction)."""
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
     highest = max(np.nanmax(r[k], initial=0) for runs in groups.values() for r in runs
                   for k in r if k.startswith((ANGLE, FEEDBACK_ANGLE)))
