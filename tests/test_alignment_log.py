@@ -150,5 +150,8 @@ def test_plot_accuracy_against_macs_and_alignment(tmp_path, capsys):
 def test_bad_log_alignment(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--log-alignment", "-1"]) == 2
     assert "log_alignment must be >= 0; got -1" in capsys.readouterr().err
+    args = ["train", "--out", str(tmp_path / "run"), "--log-alignment", "5", "--nproc", "2"]
+    assert main(args) == 2
+    assert "log_alignment needs a single process" in capsys.readouterr().err
     with pytest.raises(ValueError, match="log_alignment must be a number of steps >= 1"):
         AlignmentLog(0)

@@ -13,6 +13,8 @@ TRAIN_EXAMPLES = """examples:
   sdfa train --dataset cifar10 --model crafton-cifar-conv --transfer --rule dfa --k 1
   sdfa train --config run.toml --set lr=3e-4 --set model_options.hidden=[200,200]
   sdfa train --out runs/a --resume              # continue a run that was interrupted
+  sdfa train --nproc 2 --parallel layer         # layer-parallel DFA on 2 processes
+  torchrun --nproc-per-node 4 -m sdfa train --parallel data   # or started by torchrun
 
 Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
 (--config) or with --set KEY=VALUE; flags override the file and --set overrides both.
@@ -111,6 +113,7 @@ def config_from_args(args) -> tuple[dict, object]:
 
 def _train(args) -> int:
     from .config import FIELDS
+    from .distributed import ProcessFailure, is_main_process
     from .train import TrainingDiverged, train
 
     if args.list_keys:
@@ -130,11 +133,16 @@ def _train(args) -> int:
     except TrainingDiverged as error:
         print(f"sdfa train: stopped: {error}", file=sys.stderr)
         return 3
+    except ProcessFailure as error:  # --nproc: a process died or failed
+        print(f"sdfa train: failed: {error}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         out = values.get("out")
         hint = f": continue with 'sdfa train --out {out} --resume'" if out else ""
         print(f"sdfa train: interrupted{hint}", file=sys.stderr)
         return 130
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return 0
     rule = summary["rule"] + "".join(
         f" {key}={summary[key]}" for key in ("k", "rank") if summary[key] is not None
     )
@@ -194,6 +202,13 @@ def _add_train(commands) -> None:
     run.add_argument("--resume", action="store_true", default=False,
                      help="continue the interrupted run in --out from its last checkpoint")
     run.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train on N processes on this machine (gloo on CPU, NCCL on GPUs); "
+                     "under torchrun, leave it out")
+    run.add_argument("--parallel", metavar="MODE",
+                     help="with several processes: data (each a share of every batch, default) "
+                     "or layer (the layers split over the processes; with DFA no gradient "
+                     "travels back between them)")
     run.add_argument("--quiet", dest="progress", action="store_const", const=False,
                      help="no progress bar and no per-epoch lines")
     run.add_argument("--log-alignment", dest="log_alignment", type=int, metavar="N",

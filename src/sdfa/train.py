@@ -42,7 +42,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from . import __version__
-from .config import TrainConfig, config_from_dict, differences, load_toml, to_toml
+from .config import (
+    SINGLE_PROCESS_ALIGNMENT,
+    TrainConfig,
+    config_from_dict,
+    differences,
+    load_toml,
+    to_toml,
+)
 from .convert import convert, rules_of
 from .costs import costs
 from .data import ImageData, load_dataset, prepare_batch
@@ -267,13 +274,14 @@ class MetricsLog:
         self.use_tensorboard = tensorboard and importlib.util.find_spec("tensorboard") is not None
         self.writer = None
 
-    def start(self, history: list[dict], global_step: int) -> None:
+    def start(self, history: list[dict]) -> None:
         self.write_csv(history)
         if self.use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run logged after its last checkpoint.
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=global_step + 1)
+            last_step = history[-1]["step"] if history else 0
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=last_step + 1)
 
     def epoch(self, history: list[dict]) -> None:
         self.write_csv(history)
@@ -308,6 +316,7 @@ class MetricsLog:
 class Trainer:
     """One run: the model, its optimizer and data, and the loop over epochs."""
 
+    writes = True  # this process writes the run directory (not so on ranks other than 0)
     loss_fn = staticmethod(F.cross_entropy)  # the training loss (mean over the batch)
 
     def __init__(
@@ -347,7 +356,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": self.history,
             "config": dataclasses.asdict(self.config),
-            "model": self.model.state_dict(),
+            "model": self.model_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -359,6 +368,9 @@ class Trainer:
             },
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
+
+    def model_state_dict(self) -> dict:
+        return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -382,7 +394,7 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train up to ``config.epochs`` (from where a loaded checkpoint left off)."""
-        self.log.start(self.history, self.global_step)
+        self.log.start(self.history)
         for cb in self.callbacks:
             cb.on_train_start(self)
         try:
@@ -393,7 +405,9 @@ class Trainer:
                     cb.on_epoch_end(self, row)
                 self.history.append(row)
                 self.log.epoch(self.history)
-                save_atomic(self.state_dict(), self.run_dir / "last.pt")
+                state = self.state_dict()  # on every rank: gathering it may take all of them
+                if self.writes:
+                    save_atomic(state, self.run_dir / "last.pt")
                 self._report(row)
         finally:
             self.log.close()
@@ -447,13 +461,17 @@ class Trainer:
             ),
         }
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimization step on a batch of stored images; returns (mean loss, correct)."""
+    def prepare(self, images, labels, *, augment: bool | None = None):
+        """(model input, labels) on the device; training batches are augmented if configured."""
         x = prepare_batch(
             images.to(self.device, non_blocking=True), self.data,
-            augment=self.augment, generator=self.augment_rng,
+            augment=self.augment if augment is None else augment, generator=self.augment_rng,
         )
-        y = labels.to(self.device, non_blocking=True)
+        return x, labels.to(self.device, non_blocking=True)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """One optimization step on a batch of stored images; returns (mean loss, correct)."""
+        x, y = self.prepare(images, labels)
         for cb in self.callbacks:
             cb.on_step_start(self, x, y)
         logits = self.model(x)
@@ -476,8 +494,7 @@ class Trainer:
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader or self.test_loader:
-            x = prepare_batch(images.to(self.device), self.data)
-            y = labels.to(self.device)
+            x, y = self.prepare(images, labels, augment=False)
             logits = self.model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
@@ -551,7 +568,21 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         ValueError / DataError: a bad configuration or bad data (message says what to fix).
         TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
     """
-    run_dir = _run_dir(config, resume)
+    from .distributed import is_main_process
+    from .distributed import training as parallel
+
+    distributed = parallel.join()  # under torchrun, or in a process started by launch()
+    if distributed and config.log_alignment:  # under torchrun; validate() refuses nproc > 1
+        raise ValueError(SINGLE_PROCESS_ALIGNMENT)
+    if config.nproc > 1 and not distributed:  # start the processes; each runs train()
+        config = dataclasses.replace(config, out=str(_run_dir(config, resume)))
+        return parallel.launch(train, config, resume=resume, callbacks=callbacks)
+    if distributed:
+        run_dir = parallel.agree(lambda: _run_dir(config, resume))
+    else:
+        run_dir = _run_dir(config, resume)
+    trainer_class = parallel.trainer_class(config) if distributed else Trainer
+    writes = is_main_process()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # unstable feedback-alignment runs can crawl on subnormals
@@ -561,7 +592,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     )
     seed_everything(config.seed)
     model = build_model(config, data)  # before the run directory exists: bad settings fail here
-    if not resume:
+    if not resume and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text(run_dir / "config.toml", to_toml(dataclasses.replace(config, out=str(run_dir))))
     pretrain = None
@@ -574,19 +605,23 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         from .alignment_log import AlignmentLog  # it builds on Callback, defined here
 
         callbacks = [*callbacks, AlignmentLog(config.log_alignment)]
-    trainer = Trainer(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
+    trainer = trainer_class(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
-    if config.progress:
+    if config.progress and writes:
         sizes = f"{len(data.train)} training / {len(data.test)} test samples"
         print(f"run directory: {run_dir}  ({sizes})")
     summary = trainer.fit()
     if pretrain is not None:
         summary["pretrain"] = pretrain
-    save_atomic(trainer.model.state_dict(), run_dir / "final.pt")
-    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    final = trainer.model_state_dict()
+    if writes:
+        save_atomic(final, run_dir / "final.pt")
+        _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if distributed:  # the other ranks may read these files next (transfer protocol)
+        parallel.barrier("writing the run directory")
     return summary
 
 
