@@ -112,7 +112,8 @@ def test_fresh_run_refuses_a_used_directory_and_resume_checks_settings(tmp_path,
 
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     """Kill a run with SIGKILL while it trains, resume it: the final weights equal, bit for bit,
-    those of a run that was never interrupted (dropout, augmentation and sparse DFA included)."""
+    those of a run that was never interrupted (dropout, augmentation and sparse DFA included),
+    and measuring the alignment on every third step of the killed run changes nothing."""
     args = ["--epochs", "8", "--rule", "dfa", "--k", "1", "--model", "crafton-mnist-fc",
             "--set", "model_options.dropout=0.1", "--set", "augment=true",
             "--set", "tensorboard=false", "--quiet", "--set", "threads=1",
@@ -121,8 +122,9 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     assert main(["train", "--out", str(reference), *args]) == 0
 
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "sdfa", "train", "--out", str(killed), *args],
-                            env=env, stderr=subprocess.PIPE)
+    command = ["train", "--out", str(killed), *args, "--log-alignment", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "sdfa", *command], env=env,
+                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (killed / "last.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
@@ -142,6 +144,8 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
         assert torch.equal(value, resumed[key]) if torch.is_tensor(value) else value == resumed[key]
     with open(killed / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))
+    with open(killed / "alignment.csv") as f:  # each measured step once: 16 steps per epoch
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8 * 16 + 1, 3))
 
 
 class PoisonWeights(Callback):

@@ -3,8 +3,10 @@
 A run directory holds
 
 * ``config.toml``  the resolved configuration (``sdfa train --config RUN/config.toml`` repeats it);
-* ``metrics.csv``  one row per epoch; ``tensorboard/`` the same scalars when TensorBoard is
-  installed;
+* ``metrics.csv``  one row per epoch (losses, accuracies, time and counted MACs per step);
+  ``tensorboard/`` the same scalars when TensorBoard is installed;
+* ``alignment.csv`` with ``log_alignment=N``: the alignment of the rule's updates with the true
+  gradient, every N steps (:mod:`sdfa.alignment_log`);
 * ``last.pt``      everything needed to continue (model, optimizer, scheduler, RNG states, epoch,
   history), replaced atomically after every epoch; ``final.pt`` the model's ``state_dict`` at
   the end; ``summary.json`` the final figures;
@@ -40,8 +42,16 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from . import __version__
-from .config import TrainConfig, config_from_dict, differences, load_toml, to_toml
+from .config import (
+    SINGLE_PROCESS_ALIGNMENT,
+    TrainConfig,
+    config_from_dict,
+    differences,
+    load_toml,
+    to_toml,
+)
 from .convert import convert, rules_of
+from .costs import costs
 from .data import ImageData, load_dataset, prepare_batch
 from .models import build_model as build_preset
 
@@ -65,6 +75,12 @@ class Callback:
 
     def on_train_start(self, trainer: Trainer) -> None:
         pass
+
+    def on_step_start(self, trainer: Trainer, inputs, labels) -> None:
+        """Before the forward pass (``inputs`` prepared and on the device)."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, inputs, labels, loss) -> None:
+        """After ``backward()``, before ``optimizer.step()``: the rule's update is in ``.grad``."""
 
     def on_step_end(self, trainer: Trainer, inputs, labels, loss: torch.Tensor) -> None:
         pass
@@ -245,7 +261,12 @@ def _write_text(path: Path, text: str) -> None:
 
 class MetricsLog:
     """metrics.csv (rewritten from the full history, so a resumed run has no duplicate rows)
-    and, when TensorBoard is installed, the same scalars under ``tensorboard/``."""
+    and, when TensorBoard is installed, the same scalars under ``tensorboard/``.
+
+    TensorBoard's x axis is the training step for every scalar (an epoch's row at its last
+    step), so callbacks' per-step figures share it, and a resumed run purges exactly what the
+    killed one logged after its checkpoint.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool):
         self.csv_path = run_dir / "metrics.csv"
@@ -259,19 +280,20 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run logged after its last checkpoint.
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=len(history) + 1)
+            last_step = history[-1]["step"] if history else 0
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=last_step + 1)
 
     def epoch(self, history: list[dict]) -> None:
         self.write_csv(history)
         row = history[-1]
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.scalar(key, value, row["epoch"])
+            if key != "step" and isinstance(value, (int, float)):
+                self.scalar(key, value, row["step"])
         if self.writer is not None:
             self.writer.flush()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        """Log one scalar to TensorBoard (no-op without it); for callbacks' per-step figures."""
+        """Log one scalar to TensorBoard (no-op without it); ``step``: the training step."""
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
@@ -295,6 +317,7 @@ class Trainer:
     """One run: the model, its optimizer and data, and the loop over epochs."""
 
     writes = True  # this process writes the run directory (not so on ranks other than 0)
+    loss_fn = staticmethod(F.cross_entropy)  # the training loss (mean over the batch)
 
     def __init__(
         self,
@@ -317,6 +340,9 @@ class Trainer:
         self.augment_rng = torch.Generator().manual_seed(config.seed)
         self.callbacks = list(callbacks)
         self.log = MetricsLog(run_dir, config.tensorboard)
+        # The rule's counted MACs of one training step per sample (sdfa.costs), for plots of
+        # accuracy against compute.
+        self.sample_macs = costs(self.model, None, data.input_shape).macs
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.history: list[dict] = []
@@ -399,7 +425,7 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, steps = 0.0, 0, 0, 0
         bar = tqdm(
             self.train_loader, desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
             disable=not self.config.progress, dynamic_ncols=True,
@@ -410,6 +436,7 @@ class Trainer:
             loss_sum += loss * len(labels)
             correct += hits
             seen += len(labels)
+            steps += 1
             if self.global_step % 10 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
         train_seconds = time.perf_counter() - start
@@ -427,6 +454,11 @@ class Trainer:
             "test_accuracy": test_accuracy,
             "epoch_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
+            "step_seconds": train_seconds / steps,
+            "step_macs": self.sample_macs * seen // steps,  # mean over the epoch's steps
+            "cumulative_macs": self.sample_macs * seen + (
+                self.history[-1]["cumulative_macs"] if self.history else 0
+            ),
         }
 
     def prepare(self, images, labels, *, augment: bool | None = None):
@@ -440,12 +472,16 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """One optimization step on a batch of stored images; returns (mean loss, correct)."""
         x, y = self.prepare(images, labels)
+        for cb in self.callbacks:
+            cb.on_step_start(self, x, y)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.loss_fn(logits, y)
         if not torch.isfinite(loss):
             raise TrainingDiverged(self._divergence_message(loss.item()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self, x, y, loss)
         self.optimizer.step()
         self.global_step += 1
         for cb in self.callbacks:
@@ -483,6 +519,8 @@ class Trainer:
             "train_loss": last["train_loss"],
             "best_test_accuracy": max(row["test_accuracy"] for row in self.history),
             "train_seconds": sum(row["epoch_seconds"] for row in self.history),
+            "step_macs": last["step_macs"],
+            "train_macs": last["cumulative_macs"],
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "train_samples": len(self.data.train),
@@ -534,6 +572,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     from .distributed import training as parallel
 
     distributed = parallel.join()  # under torchrun, or in a process started by launch()
+    if distributed and config.log_alignment:  # under torchrun; validate() refuses nproc > 1
+        raise ValueError(SINGLE_PROCESS_ALIGNMENT)
     if config.nproc > 1 and not distributed:  # start the processes; each runs train()
         config = dataclasses.replace(config, out=str(_run_dir(config, resume)))
         return parallel.launch(train, config, resume=resume, callbacks=callbacks)
@@ -561,6 +601,10 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         seed_everything(config.seed)
         model = build_model(config, data, features)
     frozen = [model.features] if config.transfer else []
+    if config.log_alignment:
+        from .alignment_log import AlignmentLog  # it builds on Callback, defined here
+
+        callbacks = [*callbacks, AlignmentLog(config.log_alignment)]
     trainer = trainer_class(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
@@ -645,7 +689,7 @@ def _pretrain(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[dict, d
     pre_config = dataclasses.replace(
         config, transfer=False, rule="bp", k=None, rank=None, rule_options={}, zero_init=None,
         epochs=config.pretrain_epochs or config.epochs, lr=config.pretrain_lr or config.lr,
-        out=str(pre_dir),
+        out=str(pre_dir), log_alignment=0,  # BP's updates are the gradient: nothing to measure
     )
     summary_path = pre_dir / "summary.json"
     if summary_path.exists():

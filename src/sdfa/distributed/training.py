@@ -117,6 +117,8 @@ class _DistributedTrainer(Trainer):
     def _finish_step(self, x, y, loss: float, hits: float) -> tuple[float, int]:
         if not torch.isfinite(torch.tensor(loss)):
             raise TrainingDiverged(self._divergence_message(loss))
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self, x, y, torch.tensor(loss))
         self.optimizer.step()
         self.global_step += 1
         for cb in self.callbacks:
@@ -133,6 +135,8 @@ class DataParallelTrainer(_DistributedTrainer):
 
     def step(self, images, labels):
         x, y = self.prepare(images, labels)  # the whole batch: same augmentation draws as 1 rank
+        for cb in self.callbacks:
+            cb.on_step_start(self, x, y)
         share = slice(self.comm.rank, None, self.comm.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.replica(x[share])
@@ -168,6 +172,8 @@ class LayerParallelTrainer(_DistributedTrainer):
 
     def step(self, images, labels):
         x, y = self.prepare(images, labels)
+        for cb in self.callbacks:
+            cb.on_step_start(self, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.stage.forward_backward(x, y)
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
