@@ -10,8 +10,8 @@ inputs need a gradient, and prices what the engine then does, layer by layer:
   output (the input of the next trainable layer): ``delta_{l+1} W_{l+1}`` for backprop, the same
   with ``B_{l+1}`` for layer-wise rules, ``e B_l`` for DFA (dense: C N_l MACs; sparse: k N_l,
   done as a gather; low rank: C r + r N_l). The output layer's error comes from the loss (0).
-* **update**: the weight gradient ``delta x^T`` (the forward MACs again), plus any MACs a rule
-  spends to learn its feedback (weight mirror).
+* **update**: the weight gradient ``delta x^T`` (the forward MACs again). What a rule spends to
+  learn its feedback (the weight mirror's noise products) is per-step work, reported apart.
 * **data movement**: the values the neurons of the block output must read from elsewhere to get
   their error: the error values (next-layer deltas, or entries of e) and the feedback weights
   that go with them (W_{l+1}, B_{l+1} or the neuron's entries of B_l). Counted per real
