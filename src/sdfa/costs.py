@@ -10,8 +10,8 @@ inputs need a gradient, and prices what the engine then does, layer by layer:
   output (the input of the next trainable layer): ``delta_{l+1} W_{l+1}`` for backprop, the same
   with ``B_{l+1}`` for layer-wise rules, ``e B_l`` for DFA (dense: C N_l MACs; sparse: k N_l,
   done as a gather; low rank: C r + r N_l). The output layer's error comes from the loss (0).
-* **update**: the weight gradient ``delta x^T`` (the forward MACs again), plus any MACs a rule
-  spends to learn its feedback (weight mirror).
+* **update**: the weight gradient ``delta x^T`` (the forward MACs again). What a rule spends to
+  learn its feedback (the weight mirror's noise products) is per-step work, reported apart.
 * **data movement**: the values the neurons of the block output must read from elsewhere to get
   their error: the error values (next-layer deltas, or entries of e) and the feedback weights
   that go with them (W_{l+1}, B_{l+1} or the neuron's entries of B_l). Counted per real
@@ -43,13 +43,14 @@ class FeedbackCost:
     """How a rule's layers send the error down, and what keeping their feedback costs.
 
     ``via`` names the matrix the error travels through; ``rewrites`` means the feedback (one
-    value per weight) is recomputed or updated at every step; ``learning_passes`` are the extra
-    MACs per sample spent to learn it, in units of the layer's forward MACs.
+    value per weight) is recomputed or updated at every step; ``mirror`` means the feedback is
+    learned from noise: each step drives the layer with the rule's ``samples`` noise vectors,
+    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step.
     """
 
     via: str
     rewrites: bool = False
-    learning_passes: int = 0
+    mirror: bool = False
 
 
 # One entry per rule name in sdfa.RULES (a test checks that none is missing).
@@ -61,7 +62,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "frsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W) with fixed R
     "brsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W), R redrawn every step
     "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
-    "wm": FeedbackCost("B", rewrites=True, learning_passes=2),  # y = W xi and dB = y xi^T
+    "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
 }
 
@@ -81,6 +82,7 @@ class LayerCost:
     error_values: int = 0
     weight_values: int = 0
     feedback_per_step: int = 0  # feedback values recomputed or updated each step (per step!)
+    feedback_macs_per_step: int = 0  # MACs spent learning the feedback each step (per step!)
 
     @property
     def macs(self) -> int:
@@ -164,6 +166,9 @@ class CostReport:
         if self.total.feedback_per_step:
             notes.append(f"Feedback values rewritten per step (not per sample): "
                          f"{_n(self.total.feedback_per_step)}.")
+        if self.total.feedback_macs_per_step:
+            notes.append(f"MACs spent learning the feedback per step (not per sample): "
+                         f"{_n(self.total.feedback_macs_per_step)}.")
         return _format_table(title, headers, rows, markdown, 3, notes)
 
 
@@ -490,7 +495,9 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict
             target.weight_values += links
             if cost.rewrites:
                 own.feedback_per_step += call.module.weight.numel()
-            own.update += cost.learning_passes * forward
+            if cost.mirror:
+                samples = call.module.rule.config["samples"]
+                own.feedback_macs_per_step += 2 * samples * call.module.weight.numel()
         previous = call.name
 
     for path, feedback in direct.items():
