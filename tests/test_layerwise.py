@@ -570,3 +570,31 @@ def test_rules_learn_digits_with_a_small_cnn(rule):
     bench = load_benchmark()
     _, accuracy, _ = bench.train(rule, epochs=10, seed=0)
     assert accuracy >= MIN_ACCURACY[rule]
+
+
+@pytest.mark.parametrize("rule", ["brsf", "wm"])
+def test_noise_stream_survives_a_checkpoint(rule):
+    """A run resumed from a state_dict draws the same per-step noise as one never stopped."""
+
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        return sdfa.convert(net, rule, seed=1)
+
+    def train(model, steps):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(steps):
+            x = torch.randn(5, 4, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+
+    reference, first = make(), make()
+    train(reference, 2)
+    train(reference, 2)  # continues in the same process (SGD without momentum is stateless)
+    train(first, 2)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    train(resumed, 2)
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

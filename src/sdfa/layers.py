@@ -112,6 +112,20 @@ class FeedbackLayer:
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
+    # Rules that draw per-step noise (brsf, wm) keep a seeded ``noise_generator`` on the layer;
+    # its state travels in the state_dict so that a resumed run draws the same noise.
+    def get_extra_state(self):
+        gen = getattr(self, "noise_generator", None)
+        if gen is None:
+            return {}
+        return {"noise_generator": gen.get_state(), "device": str(gen.device)}
+
+    def set_extra_state(self, state):
+        if "noise_generator" in state:
+            gen = torch.Generator(state["device"])
+            gen.set_state(state["noise_generator"])
+            self.noise_generator = gen
+
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
