@@ -68,6 +68,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd
     weight_decay: float = 0.0
     eps: float = 1e-8  # adam / adamw / rmsprop
+    batch_manhattan: bool = False  # step with sign(grad) (Xiao et al. 2018), any optimizer
     lr_schedule: str = "constant"
     lr_milestones: list[int] = field(default_factory=list)  # epochs (multistep)
     lr_gamma: float = 0.1

@@ -54,6 +54,7 @@ from .convert import convert, rules_of
 from .costs import costs
 from .data import ImageData, load_dataset, prepare_batch
 from .models import build_model as build_preset
+from .optim import batch_manhattan
 
 CHECKPOINT_FORMAT = 1
 
@@ -156,12 +157,14 @@ def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
         raise ValueError("the model has no trainable parameter (is every part frozen?)")
     name, lr, wd = config.optimizer, config.lr, config.weight_decay
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, eps=config.eps, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+        optimizer = torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd)
+    elif name == "rmsprop":
+        optimizer = torch.optim.RMSprop(params, lr=lr, eps=config.eps, weight_decay=wd)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    return batch_manhattan(optimizer) if config.batch_manhattan else optimizer
 
 
 def build_scheduler(optimizer, config: TrainConfig):
@@ -342,7 +345,9 @@ class Trainer:
         self.log = MetricsLog(run_dir, config.tensorboard)
         # The rule's counted MACs of one training step per sample (sdfa.costs), for plots of
         # accuracy against compute.
-        self.sample_macs = costs(self.model, None, data.input_shape).macs
+        report = costs(self.model, None, data.input_shape)
+        self.sample_macs = report.macs
+        self.feedback_macs = report.total.feedback_macs_per_step  # learning B (wm), per step
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.history: list[dict] = []
@@ -455,8 +460,9 @@ class Trainer:
             "epoch_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
             "step_seconds": train_seconds / steps,
-            "step_macs": self.sample_macs * seen // steps,  # mean over the epoch's steps
-            "cumulative_macs": self.sample_macs * seen + (
+            # mean over the epoch's steps
+            "step_macs": (self.sample_macs * seen + self.feedback_macs * steps) // steps,
+            "cumulative_macs": self.sample_macs * seen + self.feedback_macs * steps + (
                 self.history[-1]["cumulative_macs"] if self.history else 0
             ),
         }
