@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import same_state
 from PIL import Image
 
 from sdfa.alignment_log import AlignmentLog
@@ -36,14 +37,6 @@ def final_weights(run_dir):
     return torch.load(run_dir / "final.pt", weights_only=True)
 
 
-def same(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
-
-
 @pytest.mark.parametrize("rule, k", [(rule, None) for rule in sorted(RULES)] + [("dfa", 1)])
 def test_logging_alignment_does_not_change_the_weights(tmp_path, rule, k):
     """Measured at every step, with dropout: the same weights, bit for bit, as without."""
@@ -53,7 +46,7 @@ def test_logging_alignment_does_not_change_the_weights(tmp_path, rule, k):
     expected, measured = final_weights(tmp_path / "plain"), final_weights(tmp_path / "logged")
     assert expected.keys() == measured.keys()
     for key, value in expected.items():  # tensors, and extra states (dicts, maybe of tensors)
-        assert same(value, measured[key]), key
+        assert same_state(value, measured[key]), key
     assert logged["train_loss"] == plain["train_loss"]
     assert logged["test_accuracy"] == plain["test_accuracy"]
 
@@ -78,6 +71,7 @@ def test_logging_alignment_does_not_change_the_weights(tmp_path, rule, k):
 
 
 def test_alignment_every_n_steps_to_csv_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = small(tmp_path, "run", rule="fa", log_alignment=3, tensorboard=True)

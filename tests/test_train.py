@@ -4,6 +4,7 @@ zero initialization, the transfer protocol, and the plot."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -65,7 +66,8 @@ def test_cli_smoke_run(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert float(rows[-1]["test_accuracy"]) == summary["test_accuracy"]
-    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    if importlib.util.find_spec("tensorboard"):
+        assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
 
     # the saved config rebuilds the model; final.pt holds its state_dict and its accuracy
     config = config_from_dict(load_toml(out / "config.toml"))
