@@ -9,3 +9,24 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the machines that run the suite are small and shared, and several
+    threads on ResNet-size convolutions there run many times slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def same_state(a, b) -> bool:
+    """Exact equality of state_dict values: tensors, and extra states (dicts, maybe of tensors)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+        )
+    return a == b

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sdfa import bench, cli
 from sdfa.models.mlp import mlp
@@ -26,11 +25,11 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
         assert r["fraction_of_bound"] == pytest.approx(r["ratio_to_autograd"] / r["mac_bound"])
     assert rows["autograd"]["ratio_to_autograd"] == 1.0
     # MLP 64-32-32-10, per sample: forward and weight gradients 3,392 MACs each; BP sends the
-    # error back through W2 and W3 (1,344), DFA projects e to both hidden layers (640), k=1 is
-    # a gather (no MACs).
+    # error back through W2 and W3 (1,344), DFA projects e to both hidden layers (640), k=1
+    # gathers one entry of e per hidden neuron (64, counted as MACs by the cost model).
     assert rows["bp"]["mac_bound"] == 1.0
     assert rows["dfa"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 640))
-    assert rows["dfa-k1"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392))
+    assert rows["dfa-k1"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 64))
     assert {t["target"] for t in report["targets"]} >= {"sdfa bp speed / autograd"}
 
 
@@ -71,15 +70,6 @@ def test_workload_groups_and_errors():
         bench.resolve_workloads(["huge"])
     with pytest.raises(ValueError, match="rounds"):
         bench.run(["tiny"], rounds=0)
-
-
-def test_crafton_conv_net_shapes():
-    model = bench.crafton_cifar_conv()
-    out = model(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 10)
-    linear_sizes = [(m.in_features, m.out_features) for m in model if hasattr(m, "in_features")]
-    assert linear_sizes == [(4096, 2048), (2048, 2048), (2048, 10)]
-    F.cross_entropy(out, torch.tensor([0, 1])).backward()
 
 
 def row(workload, contender, ratio, bound=1.0, memory=100):

@@ -12,7 +12,8 @@ before it (gradients included, since ``zero_grad(set_to_none=True)`` frees them 
 from ``torch.cuda.max_memory_allocated``; on the CPU from the allocation and free events that
 ``torch.profiler`` records with ``profile_memory=True``, summed in time order.
 
-The bound column is what the MAC count allows: BP MACs / rule MACs for one training step.
+The bound column is what the MAC count allows: BP MACs / rule MACs for one training step, from
+the cost model (:func:`sdfa.costs`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from .convert import convert
+from .costs import costs
+from .models import build_model
 from .models.mlp import mlp
 from .rules import RULES
 
@@ -55,18 +57,6 @@ class Workload:
     batch: int
     build: Callable[[], nn.Module]
     num_classes: int = 10
-
-
-def crafton_cifar_conv(num_classes: int = 10) -> nn.Sequential:
-    """Crafton et al.'s CIFAR conv net: 5x5 convs of 96, 128, 256 channels, each followed by a
-    3x3/2 max pool, then FC 4096-2048-2048-C (tanh)."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for out in (96, 128, 256):
-        layers += [nn.Conv2d(channels, out, 5, padding=2), nn.Tanh(), nn.MaxPool2d(3, 2, 1)]
-        channels = out
-    layers.append(nn.Flatten())
-    return nn.Sequential(*layers, *mlp((4096,), num_classes, hidden=(2048, 2048))[1:])
 
 
 def _mlp(name: str, inputs: int, hidden: tuple[int, ...], description: str, batch: int = 128):
@@ -92,7 +82,7 @@ WORKLOADS = {
             "Crafton CIFAR conv net (conv 96-128-256, FC 4096-2048-2048-10), batch 32",
             (3, 32, 32),
             32,
-            crafton_cifar_conv,
+            lambda: build_model("crafton-cifar-conv", (3, 32, 32), 10),
         ),
         _mlp("tiny", 64, (32, 32), "smoke test:", batch=16),
     ]
@@ -156,20 +146,8 @@ def resolve_workloads(names: list[str]) -> list[Workload]:
 
 
 def mac_bound(model: nn.Module, rule: str, input_shape: tuple[int, ...], **options) -> float:
-    """The MAC bound of a rule's speed-up: BP MACs / rule MACs of one training step.
-
-    Counts the matmul and convolution MACs of forward + backward on a batch of 2 with
-    FlopCounterMode (the optimizer step has none).
-    """
-    x = torch.randn(2, *input_shape)
-    macs = {}
-    for name, opts in (("bp", {}), (rule, options)):
-        converted = convert(model, name, **opts)
-        with FlopCounterMode(display=False) as counter:
-            out = converted(x)
-            F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
-        macs[name] = counter.get_total_flops()
-    return macs["bp"] / macs[rule]
+    """The cost model's bound on a rule's speed-up: BP MACs / rule MACs of one training step."""
+    return costs(model, "bp", input_shape).macs / costs(model, rule, input_shape, **options).macs
 
 
 def _prepare(contender: Contender, base: nn.Module, num_classes: int):
