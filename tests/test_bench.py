@@ -66,6 +66,8 @@ def test_contender_names():
 def test_workload_groups_and_errors():
     names = [w.name for w in bench.resolve_workloads(["main", "mlp", "depth-8"])]
     assert names == ["mlp", "cifar-fc", "depth-8"]
+    everything = [w.name for w in bench.resolve_workloads(["all"])]
+    assert len(everything) == len(set(everything)) and "tiny" not in everything
     with pytest.raises(ValueError, match="unknown workload 'huge'"):
         bench.resolve_workloads(["huge"])
     with pytest.raises(ValueError, match="rounds"):

@@ -141,8 +141,8 @@ def resolve_workloads(names: list[str]) -> list[Workload]:
                 f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)} "
                 f"or a group: {', '.join(GROUPS)}"
             )
-        out += [n for n in GROUPS.get(name, [name]) if n not in out]
-    return [WORKLOADS[n] for n in out]
+        out += GROUPS.get(name, [name])
+    return [WORKLOADS[n] for n in dict.fromkeys(out)]
 
 
 def mac_bound(model: nn.Module, rule: str, input_shape: tuple[int, ...], **options) -> float:
