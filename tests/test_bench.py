@@ -16,7 +16,7 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "x autograd" in printed and "MAC bound" in printed and "Targets" in printed
     report = json.loads(path.read_text())
-    assert report["meta"]["threads"] == 1
+    assert report["meta"]["threads"] == 1 and "load_average_start" in report["meta"]
     rows = {r["contender"]: r for r in report["results"]}
     assert list(rows) == ["autograd", "bp", "dfa", "dfa-k1"]
     for r in rows.values():

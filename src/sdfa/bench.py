@@ -22,6 +22,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import platform
 import re
 import statistics
@@ -421,9 +422,7 @@ def run(
 
     meta = {
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "flush_denormal": True,
         "dtype": "float32",
@@ -433,10 +432,12 @@ def run(
         "warmup_steps": warmup,
         "round_time_s": round_time,
         "biotorch": _biotorch_version(),
+        "load_average_start": _load_average(),
     }
     out(
         f"sdfa bench: torch {meta['torch']}, {dev.type} ({meta['device']}), "
-        f"{meta['threads']} threads, float32, SGD, {rounds} rounds, {clock} clock"
+        f"{meta['threads']} threads, float32, SGD, {rounds} rounds, {clock} clock, "
+        f"load average {meta['load_average_start']}"
     )
     results = []
     for workload in selected:
@@ -456,10 +457,28 @@ def run(
             )
         out(format_table(rows))
         results += rows
+    meta["load_average_end"] = _load_average()
     checks = check_targets(results)
     if checks:
         out("\nTargets\n" + format_checks(checks))
     return {"meta": meta, "results": results, "targets": checks}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: other jobs on the machine make timings noisy."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _biotorch_version() -> str | None:
