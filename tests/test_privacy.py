@@ -436,7 +436,32 @@ def test_make_private_with_epsilon_spends_the_budget_in_the_epochs():
         opt.step()
 
 
+def test_state_dict_resumes_accounting_and_thresholds():
+    x, y = torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,))
+
+    def start():
+        model = sdfa.convert(mlp((5, 8, 3), "tanh"), "dfa")
+        return private(model, x, y, batch_size=8, noise=1.0, method="dp-noisy-projection",
+                       max_input_norm=3.0)
+
+    engine, model, opt, data = start()
+    for xb, yb in data:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    state = engine.state_dict()
+    thresholds = {n: layer.feedback_bound for n, layer in engine.mechanism.layers.items()}
+    assert thresholds != {"0": 1.0, "2": 1.0}  # the adaptive clipping moved them
+
+    resumed = start()[0]
+    resumed.load_state_dict(state)
+    assert resumed.get_epsilon(1e-5) == engine.get_epsilon(1e-5) and resumed.steps == 4
+    assert {n: layer.feedback_bound for n, layer in resumed.mechanism.layers.items()} == thresholds
+
+
 def test_empty_poisson_batch_steps_with_noise_only():
+    """An empty batch gets the same noise scale as any other: the scale may not reveal whether
+    an example was sampled."""
     model = sdfa.convert(mlp((5, 8, 3), "tanh"), "dfa")
     x, y = torch.randn(40, 5, dtype=DT), torch.randint(0, 3, (40,))
     engine, model, opt, _ = private(model, x, y, noise=1.0, max_input_norm=3.0)
@@ -446,6 +471,11 @@ def test_empty_poisson_batch_steps_with_noise_only():
     opt.step()
     assert engine.steps == 1
     assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    empty = opt.max_grad_norm
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.max_grad_norm == empty > 0
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -197,6 +197,21 @@ class PrivacyEngine:
             return 0.0
         return float(self.accountant.get_epsilon(delta=delta))
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep: the accountant's history and the adaptive thresholds."""
+        state = {"accountant": self.accountant.state_dict()}
+        if self.mechanism is not None:
+            state["feedback_bounds"] = {
+                name: layer.feedback_bound for name, layer in self.mechanism.layers.items()
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: call after ``make_private`` on the restored model and optimizer."""
+        self.accountant.load_state_dict(state["accountant"])
+        for name, bound in state.get("feedback_bounds", {}).items():
+            self.mechanism.layers[name].feedback_bound = bound
+
     @property
     def steps(self) -> int:
         """Private steps taken (each one accounted)."""

@@ -48,15 +48,13 @@ class LayerBound:
     jacobian: float | None  # bound from the layer's output to its block output (None: unknown)
     overlap: int
     bias: bool
-    input_bound: float = 0.0  # A, the largest used since the last step
+    input_bound: float = 0.0  # A (the largest used so far: it depends on shapes only)
     positions: int = 1  # P
     feedback_bound: float | None = None  # D
     norms: list[torch.Tensor] = field(default_factory=list)  # per-example ||delta||, this step
     calls: int = 0
 
     def sensitivity(self) -> float:
-        if self.feedback_bound is None:  # the layer has not run yet: it contributes nothing
-            return 0.0
         return bounds.layer_sensitivity(
             self.feedback_bound, self.input_bound, self.overlap, self.positions, self.bias
         )
@@ -112,10 +110,8 @@ class FeedbackMechanism:
                     "shared between several places of a model cannot be bounded per example"
                 )
             x = args[0]
-            if x.shape[0] == 0:
-                return None
             clip = math.inf if layer.input_clip is None else layer.input_clip
-            bound = min(clip, layer.input_magnitude * math.sqrt(x[0].numel()))
+            bound = min(clip, layer.input_magnitude * math.sqrt(x.shape[1:].numel()))
             layer.input_bound = max(layer.input_bound, bound)
             if math.isinf(bound):
                 return None
@@ -125,12 +121,8 @@ class FeedbackMechanism:
 
     def _watch_output(self, layer: LayerBound):
         def hook(module, args, out):
-            if out.shape[0] == 0:
-                return
-            if isinstance(module, nn.Conv2d):
-                layer.positions = max(layer.positions, out[0, 0].numel())
-            else:
-                layer.positions = max(layer.positions, out[0, ..., 0].numel())
+            spatial = out.shape[2:] if isinstance(module, nn.Conv2d) else out.shape[1:-1]
+            layer.positions = max(layer.positions, spatial.numel())
             if out.requires_grad:
                 out.register_hook(lambda grad: self._clip_feedback(layer, grad))
 
@@ -152,7 +144,8 @@ class FeedbackMechanism:
         feedback = getattr(layer.module, FEEDBACK_ATTR, None)
         if not isinstance(feedback, DirectFeedback):
             raise RuntimeError(
-                f"privacy: layer {layer.name!r} received feedback but has no DFA feedback matrix"
+                f"privacy: layer {layer.name!r} has no DFA feedback matrix yet: run a forward "
+                "and backward pass before the first optimizer step"
             )
         spectral = torch.linalg.matrix_norm(feedback.dense().double(), ord=2).item()
         return self.max_error_norm * spectral * layer.jacobian
@@ -160,10 +153,16 @@ class FeedbackMechanism:
     # -- per step ------------------------------------------------------------------------------
 
     def sensitivity(self) -> float:
-        """L2 bound on one example's contribution to the whole summed update of this step."""
-        return math.sqrt(sum(layer.sensitivity() ** 2 for layer in self.layers.values()))
+        """L2 bound on one example's contribution to the whole summed update of a step.
+
+        It depends on the clipping bounds and the layers' shapes only, never on the batch.
+        """
+        return math.sqrt(sum(s**2 for s in self.sensitivities().values()))
 
     def sensitivities(self) -> dict[str, float]:
+        for layer in self.layers.values():
+            if layer.feedback_bound is None:
+                layer.feedback_bound = self._derived_bound(layer)
         return {name: layer.sensitivity() for name, layer in self.layers.items()}
 
     def end_step(self, generator: torch.Generator | None) -> None:
@@ -183,7 +182,6 @@ class FeedbackMechanism:
                     -self.clip_learning_rate * (fraction - self.target_quantile)
                 )
             layer.norms.clear()
-            layer.input_bound = 0.0
         self.backward_passes = 0
 
 
