@@ -1,5 +1,6 @@
 """DFA through convert(): hand-computed references on tiny float64 networks."""
 
+import copy
 import io
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sdfa
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 ACTS = {
     "tanh": (torch.tanh, lambda a: 1 - torch.tanh(a) ** 2),
@@ -361,3 +362,20 @@ def test_unsupported_parametric_layer_is_named():
 def test_rules_are_listed():
     assert {"bp", "dfa"} <= set(sdfa.RULES)
     assert sdfa.available_rules() == sorted(sdfa.RULES)
+
+
+def test_deepcopy_and_pickle_keep_working():
+    model = sdfa.convert(mlp((6, 9, 7, 4), "tanh"), "dfa", k=1, seed=3)
+    twin = copy.deepcopy(model)  # before the first forward: B is created on the copy only
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    step(twin, x, y)
+    assert hasattr(twin[0], "dfa_feedback") and not hasattr(model[0], "dfa_feedback")
+    step(model, x, y)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    step(loaded, x, y)
+    for a, b, c in zip(model.parameters(), twin.parameters(), loaded.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(a.grad, c.grad)

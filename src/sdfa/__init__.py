@@ -7,7 +7,9 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
+from .alignment import capture_rng, measure_alignment
 from .convert import convert, feedback_matrices, rules_of
+from .costs import costs
 from .layers import backprop
 from .rules import RULES, Rule, available_rules, register_rule
 
@@ -18,8 +20,11 @@ __all__ = [
     "Rule",
     "available_rules",
     "backprop",
+    "capture_rng",
     "convert",
+    "costs",
     "feedback_matrices",
+    "measure_alignment",
     "register_rule",
     "rules_of",
 ]

@@ -19,6 +19,8 @@ their size is known, as a child module ``dfa_feedback`` of the hidden layer they
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.autograd import Function
@@ -78,7 +80,6 @@ class DirectFeedbackAlignment:
         self.options = {"k": k, "rank": rank, "init": init, "scale": scale}
         self.boundaries = boundaries
         self.modules = dict(model.named_modules())
-        self.names = {id(m): n for n, m in self.modules.items()}
         names = [name for name, _ in layers]
         self.output_name = output if output is not None else names[-1]
         if self.output_name not in names:
@@ -96,7 +97,7 @@ class DirectFeedbackAlignment:
         model.register_forward_pre_hook(self._start)
         model.register_forward_hook(self._finish)
         model.register_load_state_dict_pre_hook(self._create_from_state_dict)
-        output_layer.register_forward_pre_hook(self._detach_input)
+        output_layer.register_forward_pre_hook(partial(self._detach_input, self.output_name))
         output_layer.register_forward_hook(self._project)
         if boundaries is None:
             # Chain mode: the input of each trainable layer is the block output of the trainable
@@ -108,14 +109,14 @@ class DirectFeedbackAlignment:
             }
             for name in names:
                 if name != self.output_name:
-                    self.modules[name].register_forward_pre_hook(self._detach_input)
+                    self.modules[name].register_forward_pre_hook(partial(self._detach_input, name))
         else:
             missing = [b for b in boundaries if b not in self.modules]
             if missing:
                 raise ValueError(f"boundaries name no module of the model: {', '.join(missing)}")
             self.producer = {self.output_name: None}
             for name in boundaries:
-                self.modules[name].register_forward_hook(self._detach_output)
+                self.modules[name].register_forward_hook(partial(self._detach_output, name))
 
         if example_input is not None:  # create B now, without touching BatchNorm statistics
             was_training = model.training
@@ -154,10 +155,10 @@ class DirectFeedbackAlignment:
             entry = self.pending[id(x)] = (label, x, x.detach())
         return entry[2]
 
-    def _detach_input(self, module, args):
+    def _detach_input(self, name, module, args):
         if self.output_ran:
             raise RuntimeError(
-                f"DFA: layer {self.names[id(module)]!r} ran after the output layer "
+                f"DFA: layer {name!r} ran after the output layer "
                 f"{self.output_name!r}. The output layer must be the last trainable layer to run: "
                 "pass output='<name>' to sdfa.convert."
             )
@@ -165,9 +166,9 @@ class DirectFeedbackAlignment:
         if not self._active(x):
             return None
         if id(x) not in self.pending:
-            label = self.producer.get(self.names[id(module)])
+            label = self.producer.get(name)
             if label is None:  # the model's own input, or (boundaries mode) an unmarked block
-                if module is self.modules[self.output_name]:
+                if name == self.output_name:
                     raise RuntimeError(
                         f"DFA: the input of the output layer {self.output_name!r} needs a gradient "
                         "but is not a marked block output: add the module that produces it to "
@@ -177,10 +178,10 @@ class DirectFeedbackAlignment:
             self._record(label, x)
         return (self.pending[id(x)][2], *args[1:])
 
-    def _detach_output(self, module, args, out):
+    def _detach_output(self, name, module, args, out):
         if not self._active(out):
             return None
-        return self._record(self.names[id(module)], out)
+        return self._record(name, out)
 
     def _project(self, module, args, y):
         self.output_ran = True

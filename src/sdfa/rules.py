@@ -128,6 +128,8 @@ def _fan_in(weight: torch.Tensor) -> int:
 
 def _random_like(weight: torch.Tensor, gen: torch.Generator, scale: float | None) -> torch.Tensor:
     """U(-h, h) with PyTorch's default h = 1/sqrt(fan_in) unless ``scale`` is given."""
+    if weight.is_meta:  # a shape-only twin (sdfa.costs): there is nothing to draw
+        return torch.empty_like(weight)
     h = scale if scale is not None else 1.0 / math.sqrt(_fan_in(weight))
     values = fb.draw(tuple(weight.shape), h, "uniform", gen)
     return values.to(dtype=weight.dtype, device=weight.device)

@@ -1,0 +1,609 @@
+"""Hardware cost model: multiply-accumulates and data movement of one training step, per sample.
+
+``costs(model, rule, input_shape)`` converts a copy of the model (on the meta device, so no weight
+is copied or computed), runs one forward pass to see every trainable layer's shapes and which
+inputs need a gradient, and prices what the engine then does, layer by layer:
+
+* **forward**: the layer's own product, ``W x`` (Linear) or the convolution (Conv2d). MACs count
+  every product a dense engine executes, padding zeros included (as FlopCounterMode does).
+* **error**: what the layer needs to get its delta, that is the error arriving at its block
+  output (the input of the next trainable layer): ``delta_{l+1} W_{l+1}`` for backprop, the same
+  with ``B_{l+1}`` for layer-wise rules, ``e B_l`` for DFA (dense: C N_l MACs; sparse: k N_l,
+  done as a gather; low rank: C r + r N_l). The output layer's error comes from the loss (0).
+* **update**: the weight gradient ``delta x^T`` (the forward MACs again), plus any MACs a rule
+  spends to learn its feedback (weight mirror).
+* **data movement**: the values the neurons of the block output must read from elsewhere to get
+  their error: the error values (next-layer deltas, or entries of e) and the feedback weights
+  that go with them (W_{l+1}, B_{l+1} or the neuron's entries of B_l). Counted per real
+  connection (padding excluded).
+
+Elementwise work (activation derivatives, bias gradients, the optimizer) is the same for every
+rule and is left out. See ``docs/costs.md`` for the definitions and the choices behind them.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .convert import convert, rules_of
+from .dfa import FEEDBACK_ATTR
+from .feedback import DenseFeedback, DirectFeedback, LowRankFeedback, SparseFeedback
+
+
+@dataclass(frozen=True)
+class FeedbackCost:
+    """How a rule's layers send the error down, and what keeping their feedback costs.
+
+    ``via`` names the matrix the error travels through; ``rewrites`` means the feedback (one
+    value per weight) is recomputed or updated at every step; ``learning_passes`` are the extra
+    MACs per sample spent to learn it, in units of the layer's forward MACs.
+    """
+
+    via: str
+    rewrites: bool = False
+    learning_passes: int = 0
+
+
+# One entry per rule name in sdfa.RULES (a test checks that none is missing).
+RULE_COSTS: dict[str, FeedbackCost] = {
+    "bp": FeedbackCost("W"),
+    "frozen": FeedbackCost("W"),
+    "fa": FeedbackCost("B"),  # fixed random B
+    "usf": FeedbackCost("B", rewrites=True),  # scale * sign(W), every step
+    "frsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W) with fixed R
+    "brsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W), R redrawn every step
+    "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
+    "wm": FeedbackCost("B", rewrites=True, learning_passes=2),  # y = W xi and dB = y xi^T
+    "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
+}
+
+
+@dataclass
+class LayerCost:
+    """Costs of one layer per sample (MACs and values); see the module docstring."""
+
+    name: str
+    rule: str = ""
+    via: str = "-"  # what the error of this layer's block output comes through ("-": none)
+    neurons: int = 0  # values of the block output that receive an error (total: those that read)
+    forward: int = 0
+    error: int = 0
+    update: int = 0
+    gather: int = 0  # part of `error` done by gathers (sparse DFA), not by matrix products
+    error_values: int = 0
+    weight_values: int = 0
+    feedback_per_step: int = 0  # feedback values recomputed or updated each step (per step!)
+
+    @property
+    def macs(self) -> int:
+        """MACs of a training step: forward + error + update."""
+        return self.forward + self.error + self.update
+
+    @property
+    def matmul_macs(self) -> int:
+        """The MACs done by matrix products and convolutions (what FlopCounterMode counts)."""
+        return self.macs - self.gather
+
+    @property
+    def movement(self) -> int:
+        """Values read from elsewhere to get the error: error values plus feedback weights."""
+        return self.error_values + self.weight_values
+
+    @property
+    def reads_per_neuron(self) -> float:
+        return self.movement / self.neurons if self.neurons else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(macs=self.macs, movement=self.movement, reads_per_neuron=self.reads_per_neuron)
+        return out
+
+
+@dataclass
+class CostReport:
+    """Per-layer costs of one model under one rule, with network totals (all per sample)."""
+
+    model: str
+    rule: str
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def total(self) -> LayerCost:
+        total = LayerCost("total", rule=self.rule)
+        for layer in self.layers:
+            for f in fields(LayerCost):
+                if f.type == "int" and f.name != "neurons":
+                    setattr(total, f.name, getattr(total, f.name) + getattr(layer, f.name))
+            if layer.movement:  # average reads over the neurons that read anything
+                total.neurons += layer.neurons
+        return total
+
+    @property
+    def macs(self) -> int:
+        """MACs of one training step per sample (multiply by the batch size for a step)."""
+        return self.total.macs
+
+    @property
+    def movement(self) -> int:
+        return self.total.movement
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "rule": self.rule,
+            "layers": [layer.as_dict() for layer in self.layers],
+            "total": self.total.as_dict(),
+        }
+
+    def to_markdown(self) -> str:
+        return self._table(markdown=True)
+
+    def __str__(self) -> str:
+        return self._table(markdown=False)
+
+    def _table(self, markdown: bool) -> str:
+        headers = ["layer", "rule", "error via", "neurons", "forward MACs", "error MACs",
+                   "update MACs", "step MACs", "data movement", "reads/neuron"]
+        rows = [
+            [c.name, c.rule, c.via, _n(c.neurons), _n(c.forward), _n(c.error), _n(c.update),
+             _n(c.macs), _n(c.movement), f"{c.reads_per_neuron:,.1f}"]
+            for c in [*self.layers, self.total]
+        ]
+        title = f"{self.model}, rule {self.rule}: costs per sample"
+        notes = []
+        if self.total.gather:
+            notes.append(f"{_n(self.total.gather)} error MACs are gathers (sparse feedback).")
+        if self.total.feedback_per_step:
+            notes.append(f"Feedback values rewritten per step (not per sample): "
+                         f"{_n(self.total.feedback_per_step)}.")
+        return _format_table(title, headers, rows, markdown, 3, notes)
+
+
+def costs(
+    model: nn.Module,
+    rule: str | Mapping | None,
+    input_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    name: str | None = None,
+    **options,
+) -> CostReport:
+    """Per-layer MACs and data movement of one training step of ``model`` trained by ``rule``.
+
+    Args:
+        model: an ordinary model, or, with ``rule=None``, a model already converted by
+            ``sdfa.convert``. It is neither modified nor copied: a weightless twin of it on the
+            meta device is converted and run once.
+        rule: a rule name or per-part mapping, as for ``sdfa.convert``; None for a converted model.
+        input_shape: the shape of one sample, without the batch dimension.
+        seed, **options: passed to ``sdfa.convert`` (e.g. ``k=1``, ``rank=4``).
+        name: a label for the report (default: the model's class name).
+
+    Returns:
+        A :class:`CostReport`; ``report.macs`` is the per-sample MACs of a training step.
+    """
+    input_shape = tuple(input_shape)
+    if not input_shape or any(not isinstance(s, int) or s < 1 for s in input_shape):
+        raise ValueError(
+            f"input_shape must be positive integers (one sample, no batch); got {input_shape}"
+        )
+    label = name or type(model).__name__
+    converted = _is_converted(model)
+    if rule is None:
+        if options:
+            raise ValueError("options need a rule; a converted model has its rules already")
+        if not converted:
+            raise ValueError("rule=None prices a model converted by sdfa.convert; give a rule")
+        trace = _trace(_meta_twin(model), input_shape)
+        rule_label = _rule_label(rules_of(model), {})
+    else:
+        if converted:
+            raise ValueError("this model is already converted: pass rule=None to price it as is")
+        twin = convert(_meta_twin(model), rule, seed=seed, inplace=True, **options)
+        trace = _trace(twin, input_shape)
+        rule_label = _rule_label(rule, options)
+    return CostReport(label, rule_label, _price(*trace))
+
+
+def compare(
+    model: nn.Module,
+    rules: Sequence[str | tuple[str, dict]],
+    input_shape: Sequence[int],
+    *,
+    name: str | None = None,
+    seed: int = 0,
+) -> Comparison:
+    """Totals of ``model`` under several rules, with ratios against the first one (usually bp).
+
+    ``rules`` holds rule names, ``(name, options)`` pairs or strings such as ``"dfa:k=1"``.
+    """
+    reports = []
+    for spec in rules:
+        rule, opts = parse_rule(spec) if isinstance(spec, str) else spec
+        reports.append(costs(model, rule, input_shape, seed=seed, name=name, **opts))
+    return Comparison(reports)
+
+
+@dataclass
+class Comparison:
+    """The totals of several :class:`CostReport` of one model, side by side."""
+
+    reports: list[CostReport]
+
+    def rows(self) -> list[dict[str, object]]:
+        base = self.reports[0].total
+        out = []
+        for report in self.reports:
+            t = report.total
+            out.append({
+                "model": report.model,
+                "rule": report.rule,
+                "step_macs": t.macs,
+                "step_ratio": _ratio(base.macs, t.macs),
+                "backward_macs": t.error + t.update,
+                "backward_ratio": _ratio(base.error + base.update, t.error + t.update),
+                "error_macs": t.error,
+                "movement": t.movement,
+                "movement_ratio": _ratio(base.movement, t.movement),
+                "reads_per_neuron": t.reads_per_neuron,
+            })
+        return out
+
+    def to_markdown(self) -> str:
+        return self._table(markdown=True)
+
+    def __str__(self) -> str:
+        return self._table(markdown=False)
+
+    def _table(self, markdown: bool) -> str:
+        base = self.reports[0].rule
+        headers = ["rule", "step MACs", f"{base}/rule", "error+update MACs", f"{base}/rule",
+                   "data movement", f"{base}/rule", "reads/neuron"]
+        rows = [
+            [r["rule"], _n(r["step_macs"]), _x(r["step_ratio"]), _n(r["backward_macs"]),
+             _x(r["backward_ratio"]), _n(r["movement"]), _x(r["movement_ratio"]),
+             f"{r['reads_per_neuron']:,.1f}"]
+            for r in self.rows()
+        ]
+        title = f"{self.reports[0].model}: costs per sample"
+        return _format_table(title, headers, rows, markdown, 1)
+
+
+def parse_rule(spec: str) -> tuple[str, dict]:
+    """``"dfa:k=1,init=sign"`` -> ``("dfa", {"k": 1, "init": "sign"})``."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"rule options must look like 'dfa:k=1,rank=2'; got {spec!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
+# -- paper architectures ------------------------------------------------------------------------
+
+PAPER_RULES = ("bp", "fa", "dfa", "dfa:k=1")
+
+
+def _fc(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def _cifar_conv(num_classes: int = 10) -> nn.Sequential:
+    """Conv 5x5 96, 128, 256 (same padding), each then 3x3/2 max pool; FC 4096-2048-2048-C."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in (96, 128, 256):
+        layers += [nn.Conv2d(channels, width, 5, padding=2), nn.Tanh(), nn.MaxPool2d(3, 2, 1)]
+        channels = width
+    return nn.Sequential(*layers, _fc((4096, 2048, 2048, num_classes)))
+
+
+def _mnist_conv() -> nn.Sequential:
+    """Conv 3x3 32, conv 3x3 64 (same padding), 2x2 max pool; FC 12544-128-10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 64, 3, padding=1), nn.Tanh(),
+        nn.MaxPool2d(2), _fc((12544, 128, 10)),
+    )
+
+
+# name -> (builder, input shape); built on the meta device, so even VGG's head costs nothing.
+PAPER_ARCHITECTURES = {
+    "MNIST FC 784-400-10": (lambda: _fc((784, 400, 10)), (1, 28, 28)),
+    "MNIST conv 32-64, FC 12544-128-10": (_mnist_conv, (1, 28, 28)),
+    "CIFAR-10 FC 3072-1000-1000-1000-10": (lambda: _fc((3072, 1000, 1000, 1000, 10)), (3, 32, 32)),
+    "CIFAR-10 conv 96-128-256, FC 4096-2048-2048-10": (_cifar_conv, (3, 32, 32)),
+    "ImageNet AlexNet head 9216-4096-4096-1000": (
+        lambda: _fc((9216, 4096, 4096, 1000)), (256, 6, 6)),
+    "ImageNet VGG head 25088-4096-4096-1000": (
+        lambda: _fc((25088, 4096, 4096, 1000)), (512, 7, 7)),
+}
+
+
+def paper_comparisons(rules: Sequence[str] = PAPER_RULES) -> dict[str, Comparison]:
+    """The costs of the architectures of Crafton et al. 2019 under ``rules``."""
+    out = {}
+    for name, (build, shape) in PAPER_ARCHITECTURES.items():
+        with torch.device("meta"):
+            model = build()
+        out[name] = compare(model, rules, shape, name=name)
+    return out
+
+
+def paper_report(rules: Sequence[str] = PAPER_RULES, markdown: bool = True) -> str:
+    """One table for all paper architectures: totals per rule and ratios against the first rule."""
+    comparisons = paper_comparisons(rules)
+    base = rules[0]
+    headers = ["architecture", "rule", "step MACs", f"{base}/rule", "error+update MACs",
+               f"{base}/rule", "data movement", f"{base}/rule", "reads/neuron"]
+    rows = []
+    for name, comparison in comparisons.items():
+        for r in comparison.rows():
+            rows.append([name, r["rule"], _n(r["step_macs"]), _x(r["step_ratio"]),
+                         _n(r["backward_macs"]), _x(r["backward_ratio"]), _n(r["movement"]),
+                         _x(r["movement_ratio"]), f"{r['reads_per_neuron']:,.1f}"])
+    return _format_table("Costs per sample of one training step", headers, rows, markdown, 2)
+
+
+def report(
+    model: str | None = None,
+    rules: Sequence[str] = PAPER_RULES,
+    *,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int = 10,
+    model_options: Mapping[str, object] | None = None,
+    seed: int = 0,
+    markdown: bool = False,
+) -> str:
+    """The text of ``sdfa costs``: the paper architectures, or per-layer tables of a preset.
+
+    With a preset name, prints one per-layer table per rule and, for several rules, their totals
+    side by side (ratios against the first rule).
+    """
+    if not rules:
+        raise ValueError("give at least one rule")
+    if model is None:
+        return paper_report(rules, markdown)
+    if input_shape is None:
+        raise ValueError("a model preset needs the shape of one input sample, e.g. 1,28,28")
+    from .models import build_model
+
+    with torch.device("meta"):
+        net = build_model(model, tuple(input_shape), num_classes, **(model_options or {}))
+    reports = []
+    for spec in rules:
+        rule, options = parse_rule(spec)
+        reports.append(costs(net, rule, input_shape, seed=seed, name=model, **options))
+    texts = [r.to_markdown() if markdown else str(r) for r in reports]
+    if len(reports) > 1:
+        comparison = Comparison(reports)
+        texts.append(comparison.to_markdown() if markdown else str(comparison))
+    return "\n\n".join(texts)
+
+
+# -- tracing and pricing ------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One call of a trainable layer, as seen in the traced forward pass (shapes per sample)."""
+
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    input_grad: bool
+
+
+def _is_converted(model: nn.Module) -> bool:
+    try:
+        rules_of(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device (no data)."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        if isinstance(t, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
+    return copy.deepcopy(model, memo)
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...]):
+    """One eval-mode forward pass of a meta twin: trainable-layer calls, DFA matrices, rules."""
+    calls: list[_Call] = []
+    finished: dict[str, int] = {}  # module name -> order in which its forward finished
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def record(module, args, out):
+        name = names[id(module)]
+        finished.setdefault(name, len(finished))
+        if _is_trainable(module) and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            calls.append(_Call(name, module, tuple(x.shape[1:]), tuple(out.shape[1:]),
+                               x.requires_grad))
+
+    for module in model.modules():
+        module.register_forward_hook(record)
+    reference = next(itertools.chain(model.parameters(), model.buffers()), None)
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+    try:
+        with torch.enable_grad():
+            model.eval()(torch.zeros((1, *input_shape), device="meta", dtype=dtype))
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"running the model on one input of shape {input_shape} failed: {err}"
+        ) from err
+    direct = {n: m for n, m in model.named_modules() if isinstance(m, DirectFeedback)}
+    return calls, direct, finished, rules_of(model)
+
+
+def _is_trainable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight is not None
+
+
+def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict[str, int],
+           layer_rules: dict[str, str]) -> list[LayerCost]:
+    rows: dict[str, LayerCost] = {}
+
+    def row(name: str) -> LayerCost:
+        if name not in rows:
+            rows[name] = LayerCost(name or "<model>", rule=layer_rules.get(name, ""))
+        return rows[name]
+
+    previous: str | None = None
+    for call in calls:
+        rule = layer_rules.get(call.name, "bp")
+        if rule not in RULE_COSTS:
+            raise ValueError(f"rule {rule!r} has no entry in sdfa.costs.RULE_COSTS; add one")
+        cost = RULE_COSTS[rule]
+        forward = _forward_macs(call)
+        own = row(call.name)
+        own.forward += forward
+        if call.module.weight.requires_grad:
+            own.update += forward
+        if call.input_grad:
+            # This layer sends delta @ W (or B) down to the block output it reads: that is the
+            # error of the layer that produced it (the previous trainable layer of the chain).
+            links = _connections(call)
+            target = row(previous if previous is not None else "<input>")
+            target.neurons = math.prod(call.in_shape)
+            target.via = cost.via
+            target.error += forward
+            target.error_values += links
+            target.weight_values += links
+            if cost.rewrites:
+                own.feedback_per_step += call.module.weight.numel()
+            own.update += cost.learning_passes * forward
+        previous = call.name
+
+    for path, feedback in direct.items():
+        target = row(path.removesuffix(FEEDBACK_ATTR).removesuffix("."))
+        target.rule = target.rule or "dfa"
+        macs, gather, errors, weights, target.via = _direct_cost(feedback)
+        target.neurons = feedback.shape[1]
+        target.error += macs
+        target.gather += gather
+        target.error_values += errors
+        target.weight_values += weights
+
+    if calls:  # the output layer gets its error from the loss
+        last = rows[calls[-1].name]
+        if last.via == "-":
+            last.via, last.neurons = "loss", math.prod(calls[-1].out_shape)
+    return [rows[n] for n in sorted(rows, key=lambda n: finished.get(n, -1))]
+
+
+def _forward_macs(call: _Call) -> int:
+    module = call.module
+    if isinstance(module, nn.Conv2d):
+        in_per_group = module.in_channels // module.groups
+        return math.prod(call.out_shape) * in_per_group * math.prod(module.kernel_size)
+    return math.prod(call.out_shape[:-1]) * module.in_features * module.out_features
+
+
+def _connections(call: _Call) -> int:
+    """(input value, output value) pairs joined by a weight: the MACs without padding taps."""
+    module = call.module
+    if not isinstance(module, nn.Conv2d):
+        return _forward_macs(call)
+    taps = 1
+    for dim in range(2):
+        size, out = call.in_shape[1 + dim], call.out_shape[1 + dim]
+        kernel, stride, dilation = module.kernel_size[dim], module.stride[dim], module.dilation[dim]
+        if module.padding_mode != "zeros":
+            left = -10**9  # padded values are copies of real inputs: every tap reads data
+        elif isinstance(module.padding, str):
+            left = module._reversed_padding_repeated_twice[2 * (1 - dim)]
+        else:
+            left = module.padding[dim]
+        taps *= sum(
+            1
+            for o in range(out)
+            for t in range(kernel)
+            if left < 0 or 0 <= o * stride - left + t * dilation < size
+        )
+    return module.out_channels * (module.in_channels // module.groups) * taps
+
+
+def _direct_cost(feedback: DirectFeedback) -> tuple[int, int, int, int, str]:
+    """(MACs, gather MACs, error values read, feedback weights read, label) of ``e @ B_l``."""
+    classes, neurons = feedback.shape
+    if isinstance(feedback, SparseFeedback):
+        k = feedback.index.shape[1]
+        return k * neurons, k * neurons, k * neurons, k * neurons, f"e B (k={k})"
+    if isinstance(feedback, LowRankFeedback):
+        r = feedback.u.shape[1]
+        # e U once per layer (reads e and U), then each neuron reads r values of eU and r of V.
+        return (classes * r + r * neurons, 0, classes + r * neurons, classes * r + r * neurons,
+                f"e U V (r={r})")
+    if isinstance(feedback, DenseFeedback):
+        return classes * neurons, 0, classes * neurons, classes * neurons, "e B"
+    raise ValueError(f"no cost model for feedback matrices of type {type(feedback).__name__}")
+
+
+def _rule_label(rule, options: Mapping) -> str:
+    if isinstance(rule, Mapping):
+        names = sorted({(v[0] if isinstance(v, tuple) else v) or "bp" for v in rule.values()})
+        base = "+".join(names)
+    else:
+        base = str(rule)
+    # Only the options that change the costs: the sparsity and the rank of DFA feedback.
+    opts = ",".join(f"{k}={options[k]}" for k in ("k", "rank") if options.get(k) is not None)
+    return f"{base} {opts}".strip()
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _ratio(base: int, value: int) -> float:
+    return base / value if value else math.inf
+
+
+def _x(ratio: float) -> str:
+    return "inf" if math.isinf(ratio) else f"{ratio:,.2f}x"
+
+
+def _format_table(title: str, headers: list[str], rows: list[list[str]], markdown: bool,
+                  text_columns: int, notes: Sequence[str] = ()) -> str:
+    """A Markdown or aligned plain-text table; the first ``text_columns`` are left-aligned."""
+    if markdown:
+        rule = ["---" if i < text_columns else "---:" for i in range(len(headers))]
+        lines = [f"**{title}**", "", *("| " + " | ".join(r) + " |" for r in [headers, rule, *rows])]
+        return "\n".join(lines + ([""] + list(notes) if notes else []))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < text_columns else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    lines = [title, line(headers), line(["-" * w for w in widths]), *map(line, rows)]
+    return "\n".join(lines + list(notes))
