@@ -393,6 +393,23 @@ def test_accounting_matches_opacus(accountant, method):
     assert engine.get_epsilon(1e-5) == reference.get_epsilon(delta=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dp-sgd", "dp-dfa"])
+def test_the_model_stays_the_users_model(method):
+    """Hooks, not wrappers: the same module, with the same state_dict keys (checkpoints)."""
+    model = mlp((5, 8, 3), "tanh")
+    options = {"max_grad_norm": 1.0}
+    if method == "dp-dfa":
+        model, options = sdfa.convert(model, "dfa"), {"max_input_norm": 3.0}
+    keys = list(model.state_dict())
+    x, y = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
+    _, private_model, opt, data = private(model, x, y, noise=1.0, method=method, **options)
+    assert private_model is model
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert [k for k in model.state_dict() if "dfa_feedback" not in k] == keys
+
+
 def test_training_stops_before_the_target_epsilon():
     model = sdfa.convert(mlp((5, 8, 3), "tanh"), "dfa")
     x, y = torch.randn(40, 5, dtype=DT), torch.randint(0, 3, (40,))

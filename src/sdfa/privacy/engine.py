@@ -236,7 +236,9 @@ class PrivacyEngine:
         engine.accountant = self.accountant
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            module, optimizer, data_loader = engine.make_private(
+            # wrap_model=False: the model itself gets the per-sample hooks, so its state_dict
+            # keys (checkpoints) stay those of the user's model.
+            _, optimizer, data_loader = engine.make_private(
                 module=module,
                 optimizer=optimizer,
                 data_loader=data_loader,
@@ -245,6 +247,7 @@ class PrivacyEngine:
                 poisson_sampling=poisson,
                 loss_reduction=reduction,
                 noise_generator=generator,
+                wrap_model=False,
             )
         account = optimizer.step_hook
 

@@ -44,20 +44,21 @@ METHOD_LABELS = {
 @dataclass(frozen=True)
 class Setting:
     lr: float
-    batch_size: int = 128
+    batch_size: int
     epochs: int = 30
     options: dict = field(default_factory=dict)
 
 
 # Chosen by tune() (python -m sdfa.privacy.lee2020 --tune); see docs/privacy.md for the grid.
 SETTINGS = {
-    "dp-sgd": Setting(1e-2, options={"max_grad_norm": 0.1}),
-    "dp-dfa": Setting(1e-2, options={"max_error_norm": 0.2, "max_input_norm": 4.0,
-                                     "max_activation_norm": 3.0}),
-    "dp-noisy-projection": Setting(1e-2, options={"max_input_norm": 4.0,
-                                                  "max_activation_norm": 3.0}),
-    "bp": Setting(1e-2),
-    "dfa": Setting(1e-2),
+    "dp-sgd": Setting(3e-2, batch_size=256, epochs=30, options={"max_grad_norm": 0.1}),
+    "dp-dfa": Setting(1e-2, batch_size=64, epochs=30, options={
+        "max_error_norm": 0.2, "max_input_norm": 4.0, "max_activation_norm": 5.0}),
+    "dp-noisy-projection": Setting(3e-2, batch_size=256, epochs=15, options={
+        "max_input_norm": 4.0, "max_activation_norm": 3.0}),
+    # Non-private ceilings: the settings of tests/test_learning.py, 30 epochs.
+    "bp": Setting(1e-3, batch_size=32),
+    "dfa": Setting(1e-3, batch_size=32),
 }
 # The grid of tune(): every method tries each learning rate, batch size and epoch count; the
 # DFA methods also try activation clips, DP-SGD gradient clips.
