@@ -99,8 +99,12 @@ def digits(validation: bool = False):
     )
 
 
-def train_one(method: str, epsilon: float | None, seed: int, setting: Setting, data) -> dict:
-    """Train the digits MLP (64-100-100-10, tanh) with ``method``; return test accuracy etc."""
+def train_one(method: str, epsilon: float | None, seed: int, setting: Setting, data,
+              on_epoch=None) -> dict:
+    """Train the digits MLP (64-100-100-10, tanh) with ``method``; return test accuracy etc.
+
+    ``on_epoch(model, engine, epoch)`` is called before the first epoch and after each one.
+    """
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = build_model("mlp", (x_train.shape[1],), 10)
@@ -117,14 +121,19 @@ def train_one(method: str, epsilon: float | None, seed: int, setting: Setting, d
             target_epsilon=epsilon, target_delta=DELTA, epochs=setting.epochs,
             noise_generator=torch.Generator().manual_seed(seed), **setting.options,
         )
-    start = time.perf_counter()
-    for _ in range(setting.epochs):
+    seconds = 0.0
+    for epoch in range(setting.epochs):
+        if on_epoch is not None:
+            on_epoch(model, engine, epoch)
+        start = time.perf_counter()
         model.train()
         for x, y in loader:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
-    seconds = time.perf_counter() - start
+        seconds += time.perf_counter() - start
+    if on_epoch is not None:
+        on_epoch(model, engine, setting.epochs)
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
@@ -152,6 +161,49 @@ def tune(epsilon: float = 2.0, log=print) -> dict[str, Setting]:
             scored.append((accuracy, setting))
         best[method] = max(scored, key=lambda pair: pair[0])[1]
     return best
+
+
+def signal_fractions(epsilon: float = 2.0, samples: int = 200, log=print) -> dict:
+    """How much of its sensitivity one example's update uses, on average (seed 0).
+
+    The noise is z times the sensitivity S; an example contributes ||u_i|| <= S (for DP-SGD
+    its clipped gradient, S = max_grad_norm). The mean of ||u_i|| / S over training examples,
+    at the start, middle and end of training, compares the methods' signal-to-noise ratios.
+    """
+    data = digits()
+    x, y = data[0][:samples], data[1][:samples]
+    fractions = {}
+
+    def measure(method, model, engine, epoch):
+        setting = SETTINGS[method]
+        if epoch not in (0, setting.epochs // 2, setting.epochs):
+            return
+        model.train()
+        total = 0.0
+        for i in range(samples):
+            model.zero_grad()
+            for p in model.parameters():
+                p.grad_sample = None  # Opacus's per-example gradients of the last batch
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+            if method == "dp-sgd":
+                clip = setting.options["max_grad_norm"]
+                norm = torch.cat([p.grad_sample.flatten() for p in model.parameters()]).norm()
+                total += min(norm.item(), clip) / clip
+            else:
+                norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+                total += norm.item() / engine.mechanism.sensitivity()
+        model.zero_grad()
+        for p in model.parameters():
+            p.grad_sample = None
+        if engine.mechanism is not None:
+            engine.mechanism.discard_step()
+        fractions[(method, epoch)] = total / samples
+        log(f"{method:20s} epoch {epoch:>2}: mean ||u_i|| / S = {total / samples:.2f}")
+
+    for method in ("dp-sgd", "dp-dfa", "dp-noisy-projection"):
+        train_one(method, epsilon, 0, SETTINGS[method], data,
+                  on_epoch=lambda model, engine, epoch, m=method: measure(m, model, engine, epoch))
+    return fractions
 
 
 def run(out_dir: str | Path, *, quick: bool = False, epsilons=EPSILONS, seeds=None,
@@ -246,8 +298,15 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="reproduce/lee2020", help="output folder")
     parser.add_argument("--quick", action="store_true", help="2 seeds instead of 5")
     parser.add_argument("--tune", action="store_true", help="run the hyperparameter grid")
+    parser.add_argument("--signal", action="store_true",
+                        help="measure how much of its sensitivity an example's update uses")
     args = parser.parse_args()
-    if args.tune:
+    if args.signal:
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            signal_fractions()
+    elif args.tune:
         torch.set_num_threads(1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")

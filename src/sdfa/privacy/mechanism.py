@@ -181,6 +181,11 @@ class FeedbackMechanism:
                 layer.feedback_bound *= math.exp(
                     -self.clip_learning_rate * (fraction - self.target_quantile)
                 )
+        self.discard_step()
+
+    def discard_step(self) -> None:
+        """Forget the records of the backward passes since the last step (not a step)."""
+        for layer in self.layers.values():
             layer.norms.clear()
         self.backward_passes = 0
 
