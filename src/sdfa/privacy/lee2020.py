@@ -206,6 +206,20 @@ def signal_fractions(epsilon: float = 2.0, samples: int = 200, log=print) -> dic
     return fractions
 
 
+def speed(batch_size: int = 256, epochs: int = 10, log=print) -> dict[str, float]:
+    """Milliseconds per training step of each method at the same batch size (seed 0)."""
+    data = digits()
+    steps = epochs * math.ceil(len(data[0]) / batch_size)
+    timings = {}
+    for method in ("bp", "dp-sgd", "dfa", "dp-dfa", "dp-noisy-projection"):
+        setting = Setting(1e-3, batch_size, epochs, SETTINGS[method].options)
+        seconds = train_one(method, 4.0 if method.startswith("dp") else None, 0, setting,
+                            data)["seconds"]
+        timings[method] = 1000 * seconds / steps
+        log(f"{method:20s} {timings[method]:.2f} ms per step (expected batch {batch_size})")
+    return timings
+
+
 def run(out_dir: str | Path, *, quick: bool = False, epsilons=EPSILONS, seeds=None,
         log=print) -> list[dict]:
     """Run every method at every epsilon and seed; write results.csv, results.md and the plot."""
@@ -300,12 +314,13 @@ if __name__ == "__main__":
     parser.add_argument("--tune", action="store_true", help="run the hyperparameter grid")
     parser.add_argument("--signal", action="store_true",
                         help="measure how much of its sensitivity an example's update uses")
+    parser.add_argument("--speed", action="store_true", help="time a step of each method")
     args = parser.parse_args()
-    if args.signal:
+    if args.signal or args.speed:
         torch.set_num_threads(1)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")
-            signal_fractions()
+            signal_fractions() if args.signal else speed()
     elif args.tune:
         torch.set_num_threads(1)
         with warnings.catch_warnings():
