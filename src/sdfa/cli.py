@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+TRAIN_EXAMPLES = """examples:
+  sdfa train                                    # digits, MLP, dense DFA (seconds on a laptop)
+  sdfa train --rule dfa --k 1                   # sparse DFA: one feedback entry per neuron
+  sdfa train --dataset mnist --model crafton-mnist-fc --rule dfa --k 1 --epochs 50
+  sdfa train --dataset cifar10 --model crafton-cifar-conv --transfer --rule dfa --k 1
+  sdfa train --config run.toml --set lr=3e-4 --set model_options.hidden=[200,200]
+  sdfa train --out runs/a --resume              # continue a run that was interrupted
+
+Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
+(--config) or with --set KEY=VALUE; flags override the file and --set overrides both.
+Data sets are read from --data-dir, else from $SDFA_DATA/<name> or ~/.cache/sdfa/<name>;
+--download fetches missing official files there and checks their MD5.
+"""
 
 
 def _rules(args) -> int:
@@ -64,17 +79,204 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdfa",
-        description="Train neural networks without backpropagation: direct feedback alignment "
-        "(dense, sparse, low rank) and the feedback-alignment family.",
+def _datasets(args) -> int:
+    from .data import DATASETS, dataset_dir, is_present
+
+    for name, spec in DATASETS.items():
+        if spec.format == "digits":
+            where = "embedded in scikit-learn"
+        elif spec.format == "folder":
+            where = "--data-dir DIR"
+        else:
+            where = f"{dataset_dir(name)} ({'present' if is_present(name) else 'missing'})"
+        print(f"{name:14s} {spec.description}\n{'':14s} {where}")
+    return 0
+
+
+def config_from_args(args) -> tuple[dict, object]:
+    """(the values given, the TrainConfig): defaults < --config file < flags < --set; with
+    --resume, the run's saved config with these values (which may not change what it computes)."""
+    from .config import FIELDS, config_from_dict, load_toml, parse_override
+    from .train import resume_config
+
+    values = load_toml(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
+    values.update(parse_override(text) for text in args.set or ())
+    if not args.resume:
+        return values, config_from_dict(values)
+    if "out" not in values:
+        raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
+    return values, resume_config(values["out"], values)
+
+
+def _train(args) -> int:
+    from .config import FIELDS
+    from .train import TrainingDiverged, train
+
+    if args.list_keys:
+        from .config import TrainConfig
+
+        defaults = TrainConfig()
+        for name in FIELDS:
+            print(f"{name:16s} {getattr(defaults, name)!r}")
+        return 0
+    values = {}
+    try:
+        values, config = config_from_args(args)
+        summary = train(config, resume=args.resume)
+    except ValueError as error:  # includes DataError: bad settings or bad data files
+        print(f"sdfa train: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"sdfa train: stopped: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        out = values.get("out")
+        hint = f": continue with 'sdfa train --out {out} --resume'" if out else ""
+        print(f"sdfa train: interrupted{hint}", file=sys.stderr)
+        return 130
+    rule = summary["rule"] + "".join(
+        f" {key}={summary[key]}" for key in ("k", "rank") if summary[key] is not None
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("rules", help="list the learning rules and their options").set_defaults(
-        run=_rules
+    print(
+        f"{rule} on {summary['dataset']} ({summary['model']}): "
+        f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f} "
+        f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)"
     )
-    commands.add_parser("models", help="list the model presets").set_defaults(run=_models)
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _add_train(commands) -> None:
+    from .data import available_datasets
+
+    p = commands.add_parser(
+        "train",
+        help="train a model with a learning rule (default: digits, MLP, DFA)",
+        description="Train a model preset on a data set with a learning rule, logging every "
+        "epoch to RUN_DIR/metrics.csv (and TensorBoard), checkpointing to RUN_DIR/last.pt and "
+        "writing RUN_DIR/summary.json at the end.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", metavar="NAME",
+                      help=f"one of {', '.join(available_datasets())} (default digits)")
+    data.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                      help="folder holding the data set's files (default: the cache folder)")
+    data.add_argument("--download", action="store_const", const=True,
+                      help="download missing official files into the data folder (MD5-checked)")
+    model = p.add_argument_group("model and learning rule")
+    model.add_argument("--model", metavar="NAME",
+                       help="a model preset, see 'sdfa models' (default mlp)")
+    model.add_argument("--rule", metavar="NAME",
+                       help="a learning rule, see 'sdfa rules' (default dfa)")
+    model.add_argument("--k", type=int, metavar="K",
+                       help="sparse DFA: feedback entries per neuron (1 in the paper)")
+    model.add_argument("--rank", type=int, metavar="R", help="low-rank DFA: rank of the feedback")
+    model.add_argument("--transfer", action="store_const", const=True,
+                       help="transfer protocol: train with BP, then fix the conv layers and "
+                       "train the fully connected ones from scratch with --rule")
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--optimizer", metavar="NAME",
+                     help="adam, adamw, sgd or rmsprop (default adam)")
+    opt.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    opt.add_argument("--epochs", type=int, help="number of epochs (default 30)")
+    opt.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 32)")
+    opt.add_argument("--seed", type=int, help="seeds weights, feedback and data order (default 0)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="run directory (default runs/<name>-<time>)")
+    run.add_argument("--config", metavar="FILE.toml", default=None,
+                     help="read settings from a TOML file")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
+                     help="override any config key, e.g. --set lr_schedule=cosine (repeatable)")
+    run.add_argument("--resume", action="store_true", default=False,
+                     help="continue the interrupted run in --out from its last checkpoint")
+    run.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    run.add_argument("--quiet", dest="progress", action="store_const", const=False,
+                     help="no progress bar and no per-epoch lines")
+    run.add_argument("--list-keys", action="store_true", default=False,
+                     help="list every config key with its default and exit")
+    p.set_defaults(run=_train)
+
+
+def _plot(args) -> int:
+    from .plot import plot_runs
+
+    default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png")
+    try:
+        path = plot_runs(args.runs, args.output or default, title=args.title)
+    except ValueError as error:
+        print(f"sdfa plot: error: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .config import parse_override
+    from .reproduce import describe_sets, reproduce
+
+    if args.list or not args.name:
+        print(describe_sets())
+        return 0
+    try:
+        overrides = dict(parse_override(text) for text in args.set or ())
+        if args.threads:
+            overrides["threads"] = args.threads
+        if args.download:
+            overrides["download"] = True
+        results = reproduce(
+            args.name, out=args.out, quick=args.quick, data_root=args.data_root,
+            seeds=args.seeds, overrides=overrides, progress=not args.quiet,
+        )
+    except ValueError as error:
+        print(f"sdfa reproduce: error: {error}", file=sys.stderr)
+        return 2
+    print(results.read_text())
+    print(f"written to {results}")
+    return 0
+
+
+def _add_plot_and_reproduce(commands) -> None:
+    p = commands.add_parser(
+        "plot", help="draw learning curves of runs into a PNG",
+        description="Draw test accuracy and training loss per epoch of one or several runs into "
+        "one PNG. Runs with the same settings (seeds) are drawn as mean and min-max band.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (sdfa train --out)")
+    p.add_argument("-o", "--output", metavar="FILE.png",
+                   help="output file (default RUN_DIR/curves.png for one run, else ./curves.png)")
+    p.add_argument("--title", help="figure title")
+    p.set_defaults(run=_plot)
+
+    r = commands.add_parser(
+        "reproduce", help="run a named experiment set and compare with the published numbers",
+        description="Run a named experiment set and write OUT/results.md (our numbers next to "
+        "the published ones) and OUT/curves-*.png. Finished runs are reused and interrupted ones "
+        "resumed, so running the command again completes a set. Experiments whose data is "
+        "absent are listed with the files to download and where to put them.",
+    )
+    r.add_argument("name", nargs="?", help="crafton2019, moskovitz2018 or biotorch-benchmark")
+    r.add_argument("--list", action="store_true", help="list the experiment sets")
+    r.add_argument("--quick", action="store_true",
+                   help="a reduced version (few epochs, data subsets) that runs in minutes")
+    r.add_argument("--out", metavar="DIR", help="output folder (default reproduce/NAME[-quick])")
+    r.add_argument("--data-root", metavar="DIR",
+                   help="folder with one sub-folder per data set (default: the cache folder)")
+    r.add_argument("--seeds", type=int, metavar="N",
+                   help="seeds per experiment (default: the set's)")
+    r.add_argument("--download", action="store_true",
+                   help="download missing data sets (official files, MD5-checked)")
+    r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per run")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key in every run, e.g. --set device=cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(run=_reproduce)
+
+
+def _add_costs(commands) -> None:
     costs = commands.add_parser(
         "costs",
         help="multiply-accumulates and data movement per sample of one training step",
@@ -95,6 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--seed", type=int, default=0, help="seed of the feedback matrices")
     costs.add_argument("--markdown", action="store_true", help="print Markdown tables")
     costs.set_defaults(run=_costs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdfa",
+        description="Train neural networks without backpropagation: direct feedback alignment "
+        "(dense, sparse, low rank) and the feedback-alignment family.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("rules", help="list the learning rules and their options").set_defaults(
+        run=_rules
+    )
+    commands.add_parser("models", help="list the model presets").set_defaults(run=_models)
+    commands.add_parser(
+        "datasets", help="list the data sets and where they are read from"
+    ).set_defaults(run=_datasets)
+    _add_train(commands)
+    _add_plot_and_reproduce(commands)
+    _add_costs(commands)
     return parser
 
 

@@ -34,4 +34,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
 
 
-from . import mlp  # noqa: E402,F401  (registers the presets)
+from . import crafton, mlp  # noqa: E402,F401  (registers the presets)

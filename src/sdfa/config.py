@@ -1,0 +1,244 @@
+"""The configuration of a training run: one dataclass, read from TOML and ``--set`` overrides.
+
+Every key of :class:`TrainConfig` can be given in a TOML file (``--config run.toml``), as a
+command-line flag, or as ``--set key=value`` (the value is read as a TOML value, so
+``--set lr=3e-4``, ``--set lr_milestones=[50,75]``, ``--set model_options.hidden=[200,200]``;
+anything that is not valid TOML is taken as a string). Values are type-checked against the
+field, so a typo fails before training starts. The run directory keeps the resolved
+configuration as ``config.toml``; ``sdfa train --config RUN/config.toml`` repeats the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+FLOAT32_MAX = 3.4028234663852886e38  # optimizers apply these numbers to float32 tensors
+SCHEDULES = ("constant", "multistep", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a run computes (plus a few keys that only decide how).
+
+    The defaults train the ``mlp`` preset on scikit-learn's digits with dense DFA in a few
+    seconds. ``zero_init=None`` follows the DFA papers (Nokland 2016, Crafton et al. 2019):
+    layers trained by DFA start from zero weights and biases when the network's activations are
+    tanh or sigmoid; with ReLU (whose derivative is 0 at 0) they keep PyTorch's initialization.
+    """
+
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    augment: bool | None = None  # None: the data set's usual augmentation (CIFAR: crop + flip)
+    train_samples: int | None = None  # use only the first N training samples
+    test_samples: int | None = None
+    # model and learning rule
+    model: str = "mlp"
+    model_options: dict = field(default_factory=dict)
+    rule: str = "dfa"
+    k: int | None = None
+    rank: int | None = None
+    rule_options: dict = field(default_factory=dict)
+    zero_init: bool | None = None
+    # optimization
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd
+    weight_decay: float = 0.0
+    eps: float = 1e-8  # adam / adamw / rmsprop
+    lr_schedule: str = "constant"
+    lr_milestones: list[int] = field(default_factory=list)  # epochs (multistep)
+    lr_gamma: float = 0.1
+    epochs: int = 30
+    batch_size: int = 32
+    seed: int = 0
+    # transfer protocol (Crafton et al.): BP first, then fixed features and a new classifier
+    transfer: bool = False
+    pretrain_epochs: int | None = None  # default: epochs
+    pretrain_lr: float | None = None  # default: lr
+    # how to run (may change when a run is resumed)
+    out: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    workers: int = 0
+    eval_batch_size: int = 1000
+    progress: bool = True
+    tensorboard: bool = True
+
+
+# Keys that do not change what is computed: they may differ when a run is resumed.
+RUNTIME_KEYS = frozenset(
+    {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
+     "progress", "tensorboard"}
+)
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults) with ``values`` applied, type-checked and validated.
+
+    Raises:
+        ValueError: an unknown key (with the closest known one), a value of the wrong type, or
+            a value out of range.
+    """
+    merged = dataclasses.asdict(base or TrainConfig())
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        _check_key(head)
+        if rest:
+            if _TYPES[head] is not dict:
+                raise ValueError(f"{head!r} is not a table; '{key}' cannot set a sub-key of it")
+            merged[head] = {**merged[head], rest: value}
+        else:
+            merged[head] = _coerce(head, value)
+    config = TrainConfig(**merged)
+    validate(config)
+    return config
+
+
+def load_toml(path: str | Path) -> dict:
+    """The key/value pairs of a TOML config file (tables stay nested dicts)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``"key=value"`` -> (key, value), the value read as TOML (a bare word stays a string)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE, e.g. --set lr=0.01; got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as TOML that :func:`load_toml` reads back to an equal config (None is omitted)."""
+    lines, tables = [], []
+    for key, value in dataclasses.asdict(config).items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    for key, table in tables:
+        lines += ["", f"[{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str, tuple]:
+    """{key: (a's value, b's value)} for the keys that differ, except ``ignore``."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return {k: (da[k], db[k]) for k in da if k not in ignore and da[k] != db[k]}
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError for values out of range (names are checked where they are looked up)."""
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr")
+    for key in positive:
+        if not getattr(config, key) > 0:
+            raise ValueError(f"{key} must be > 0; got {getattr(config, key)!r}")
+    for key in ("image_size", "train_samples", "test_samples", "threads", "pretrain_epochs",
+                "pretrain_lr", "k", "rank"):
+        value = getattr(config, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"{key} must be > 0 (or left unset); got {value!r}")
+    if config.workers < 0:
+        raise ValueError(f"workers must be >= 0; got {config.workers}")
+    for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+            raise ValueError(f"{key} must be a number in [0, {FLOAT32_MAX:.3g}]; got {value!r}")
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("lr_schedule", config.lr_schedule, SCHEDULES)
+    if config.lr_schedule == "multistep" and not config.lr_milestones:
+        raise ValueError(
+            "lr_schedule 'multistep' needs lr_milestones, e.g. --set lr_milestones=[50,75]"
+        )
+    if config.device not in ("auto", "cpu") and not config.device.startswith(("cuda", "mps")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {config.device!r}")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_key(key: str) -> None:
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown config key {key!r}{hint}. Known keys: {', '.join(FIELDS)}")
+
+
+def _coerce(key: str, value):
+    """``value`` checked against the type of field ``key`` (an int is accepted for a float)."""
+    expected = _TYPES[key]
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, bool):
+            continue
+        if isinstance(value, origin):
+            if origin is list:
+                (item,) = typing.get_args(option)
+                if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                    continue
+            return value
+    names = " or ".join(_type_name(o) for o in options)
+    raise ValueError(f"{key} must be {names}; got {value!r} ({type(value).__name__})")
+
+
+def _type_name(option) -> str:
+    if option is type(None):
+        return "unset"
+    if typing.get_origin(option) is list:
+        return f"a list of {typing.get_args(option)[0].__name__}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+            dict: "a table"}.get(option, str(option))
+
+
+def toml_value(value) -> str:
+    """One value in TOML syntax (what ``--set`` and config files read)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # finite: validate() rejects nan and inf
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) to TOML")

@@ -1,0 +1,262 @@
+"""Data sets by name: ``load_dataset("mnist", data_dir=None, download=False)``.
+
+Every data set is read from its official file format by the loaders of this package (no
+torchvision). Without ``data_dir`` files are looked for in ``data_root()/<name>`` (``$SDFA_DATA``
+or ``~/.cache/sdfa``); ``download=True`` fetches the official files there and checks their MD5.
+A folder may hold fewer samples than the official files (same format): it loads as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from . import cifar, digits, files, folder, idx
+from .core import DataError, ImageData, TensorSplit, channel_stats, prepare_batch, random_crop_flip
+from .files import RemoteFile, data_root, missing_files_message
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "ImageData",
+    "available_datasets",
+    "data_root",
+    "dataset_dir",
+    "is_present",
+    "load_dataset",
+    "missing_message",
+    "prepare_batch",
+    "random_crop_flip",
+]
+
+_MNIST_URLS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+_FASHION_URLS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+
+
+def _idx_files(urls: tuple[str, ...], md5: dict[str, str]) -> tuple[RemoteFile, ...]:
+    return tuple(
+        RemoteFile(name, tuple(u + name for u in urls), sum_) for name, sum_ in md5.items()
+    )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    format: str  # "digits" | "idx" | "cifar10" | "cifar100" | "folder"
+    num_classes: int | None = None  # None: the number of class folders
+    files: tuple[RemoteFile, ...] = ()
+    augment: bool = False
+    note: str = ""
+
+
+# Official MD5 sums as published with the files (and used by torchvision).
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "digits", "scikit-learn's 8x8 handwritten digits (embedded, 1437/360)", "digits", 10
+        ),
+        DatasetSpec(
+            "mnist",
+            "MNIST handwritten digits, 28x28 (IDX files)",
+            "idx",
+            10,
+            _idx_files(
+                _MNIST_URLS,
+                {
+                    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+                },
+            ),
+        ),
+        DatasetSpec(
+            "fashion-mnist",
+            "Fashion-MNIST clothing images, 28x28 (IDX files)",
+            "idx",
+            10,
+            _idx_files(
+                _FASHION_URLS,
+                {
+                    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+                },
+            ),
+        ),
+        DatasetSpec(
+            "cifar10",
+            "CIFAR-10, 32x32 colour, 10 classes (python pickle archive)",
+            "cifar10",
+            10,
+            (
+                RemoteFile(
+                    "cifar-10-python.tar.gz",
+                    (_CIFAR_URL + "cifar-10-python.tar.gz",),
+                    "c58f30108f718f92721af3b95e74349a",
+                ),
+            ),
+            augment=True,
+        ),
+        DatasetSpec(
+            "cifar100",
+            "CIFAR-100, 32x32 colour, 100 classes (python pickle archive)",
+            "cifar100",
+            100,
+            (
+                RemoteFile(
+                    "cifar-100-python.tar.gz",
+                    (_CIFAR_URL + "cifar-100-python.tar.gz",),
+                    "eb9058c3a382ffc7106e4002c42a8d85",
+                ),
+            ),
+            augment=True,
+        ),
+        DatasetSpec(
+            "folder",
+            "any ImageNet-style tree: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg",
+            "folder",
+            note="There is no download for image folders (ImageNet needs a registration at "
+            "image-net.org): arrange the images as DIR/train/<class>/ and DIR/val/<class>/ and "
+            "pass --data-dir DIR.",
+        ),
+    )
+}
+
+DEFAULT_FOLDER_SIZE = 224
+
+
+def available_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
+    return DATASETS[name]
+
+
+def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
+    """The folder where ``name`` is read from: ``data_dir`` or ``data_root()/name``."""
+    return Path(data_dir).expanduser() if data_dir is not None else data_root() / _spec(name).name
+
+
+def is_present(name: str, data_dir: str | Path | None = None) -> bool:
+    """True when the files of ``name`` seem to be there (loading still checks their content)."""
+    spec = _spec(name)
+    directory = dataset_dir(name, data_dir)
+    if spec.format == "digits":
+        return True
+    if spec.format == "idx":
+        return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
+    if spec.format == "folder":
+        return data_dir is not None and None not in folder.split_dirs(directory)
+    return cifar.present(directory, spec.format)
+
+
+def missing_message(name: str, data_dir: str | Path | None = None, offer_download=True) -> str:
+    """What to download and where to put it, for a data set that is not present."""
+    spec = _spec(name)
+    directory = dataset_dir(name, data_dir)
+    if not spec.files:
+        return f"data set {name!r} was not found in {directory}. {spec.note}"
+    return missing_files_message(name, directory, list(spec.files), spec.note, offer_download)
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    download: bool = False,
+    image_size: int | None = None,
+    train_samples: int | None = None,
+    test_samples: int | None = None,
+) -> ImageData:
+    """Load the data set ``name`` (see ``DATASETS``).
+
+    Args:
+        data_dir: folder with the data set's files; default ``data_root()/name``.
+        download: fetch missing official files into that folder first (MD5-checked).
+        image_size: resize images to ``image_size`` x ``image_size`` (default: native size;
+            224 for image folders).
+        train_samples, test_samples: keep only the first N samples of a split.
+
+    Raises:
+        DataError: missing, truncated or malformed files (the message names the file).
+        ValueError: an unknown name.
+    """
+    spec = _spec(name)
+    directory = dataset_dir(name, data_dir)
+    if spec.format == "folder" and data_dir is None:
+        raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
+    if not is_present(name, data_dir):
+        if download and spec.files:
+            try:
+                for remote in spec.files:
+                    files.download(remote, directory)
+            except DataError as error:
+                manual = missing_message(name, data_dir, offer_download=False)
+                raise DataError(f"{error}\n{manual}") from None
+        else:
+            raise DataError(missing_message(name, data_dir))
+
+    classes: tuple[str, ...] = ()
+    value_range = 255.0
+    if spec.format == "digits":
+        train, test = digits.load()
+        value_range = 16.0
+    elif spec.format == "idx":
+        train, test = idx.load_split(directory, "train"), idx.load_split(directory, "test")
+    elif spec.format == "folder":
+        size = image_size or DEFAULT_FOLDER_SIZE
+        train, test, classes = folder.load(directory, size)
+        train, test = train.head(train_samples), test.head(test_samples)
+        return ImageData(
+            name,
+            train,
+            test,
+            len(classes),
+            (3, size, size),
+            folder.IMAGENET_MEAN,
+            folder.IMAGENET_STD,
+            255.0,
+            spec.augment,
+            classes,
+        )
+    else:
+        train, test, classes = cifar.load(directory, spec.format)
+
+    if image_size is not None and image_size != train.images.shape[-1]:
+        train, test = (_resize(s, image_size, value_range) for s in (train, test))
+    mean, std = channel_stats(train.images, value_range)
+    return ImageData(
+        name,
+        train.head(train_samples),
+        test.head(test_samples),
+        spec.num_classes,
+        tuple(train.images.shape[1:]),
+        mean,
+        std,
+        value_range,
+        spec.augment,
+        classes,
+    )
+
+
+def _resize(split: TensorSplit, size: int, value_range: float) -> TensorSplit:
+    """Resize every image once, at load time (bilinear, antialiased), keeping integer storage."""
+    x = F.interpolate(split.images.float(), size=(size, size), mode="bilinear", antialias=True)
+    x = x.round().clamp(0, value_range).to(split.images.dtype)
+    return TensorSplit(x, split.labels)

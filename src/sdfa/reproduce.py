@@ -1,0 +1,390 @@
+"""Named experiment sets: ``sdfa reproduce NAME [--quick]`` runs them and writes our numbers next
+to the published ones (``results.md``) with learning curves (``curves-*.png``).
+
+Each run lives in ``OUT/<group>/<setting>/seed<N>``; a run that finished is reused and one that
+was interrupted is resumed, so running the command again completes a set. Experiments whose
+data set, model or rule is not available are listed with the reason (for data: which files to
+download and where to put them) instead of stopping the set.
+
+``--quick`` runs a reduced version (few epochs on a subset) on whatever data is present; its
+numbers show that everything works, not what the full protocol reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import config_from_dict, toml_value
+from .data import DATASETS, DataError, is_present, missing_message
+from .models import MODELS
+from .plot import plot_runs
+from .rules import RULES
+from .train import TrainingDiverged, train
+
+
+@dataclass
+class Experiment:
+    group: str  # a row block of the table, e.g. "MNIST, FC 784-400-10"
+    label: str  # the setting inside the group, e.g. "DFA k=1"
+    config: dict  # TrainConfig values
+    published: float | None = None  # in the set's metric, percent
+    seeds: tuple[int, ...] = (0,)
+    quick: dict | None = None  # config for --quick; None: the set's reductions, {}: unchanged
+    skip_quick: bool = False  # too slow for --quick
+
+
+@dataclass
+class ExperimentSet:
+    name: str
+    title: str
+    metric: str  # "accuracy" or "error": what the published numbers are (top-1, %)
+    experiments: list[Experiment]
+    source: str  # where the published numbers come from
+    notes: str = ""
+    quick: dict = field(default_factory=dict)  # --quick reductions (epochs, data subsets)
+
+
+@dataclass
+class Outcome:
+    experiment: Experiment
+    summaries: list[dict] = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)
+    skipped: str = ""  # why it did not run
+    diverged: list[str] = field(default_factory=list)
+
+
+# -- the sets ---------------------------------------------------------------------------------
+
+QUICK = {"epochs": 2, "train_samples": 10000, "test_samples": 2000}
+
+
+def _rules(base: dict, settings: list[tuple[str, dict]], group: str, **kwargs) -> list[Experiment]:
+    return [Experiment(group, label, {**base, **opts}, **kwargs) for label, opts in settings]
+
+
+def _crafton2019() -> ExperimentSet:
+    def rules(ks, lr, bp_lr=None):
+        settings = [("BP", {"rule": "bp", "lr": bp_lr or lr}), ("DFA", {"rule": "dfa", "lr": lr})]
+        return settings + [(f"DFA k={k}", {"rule": "dfa", "k": k, "lr": lr}) for k in ks]
+
+    adam = {"optimizer": "adam", "augment": False}
+    # scikit-learn's digits: the embedded stand-in for MNIST, complete in minutes on a laptop.
+    digits = {**adam, "dataset": "digits", "model": "crafton-mnist-fc", "epochs": 50,
+              "batch_size": 32}
+    exps = _rules(digits, rules([1, 2, 5], 1e-3), "digits (stand-in for MNIST), FC 64-400-10",
+                  seeds=(0, 1, 2), quick={})
+    digits_conv = {**digits, "model": "crafton-mnist-conv", "epochs": 15, "lr": 1e-3}
+    heads = [("BP head", {"rule": "bp"}), ("DFA head", {"rule": "dfa"}),
+             ("DFA k=1 head", {"rule": "dfa", "k": 1})]
+    exps += _rules(digits_conv, rules([1], 1e-3), "digits, conv 32-64 + FC 1024-128-10",
+                   seeds=(0, 1, 2), quick={})
+    exps += _rules({**digits_conv, "transfer": True}, heads,
+                   "digits, conv transferred from BP, FC trained from scratch", seeds=(0, 1, 2),
+                   quick={})
+    mnist_fc = {**adam, "dataset": "mnist", "model": "crafton-mnist-fc", "epochs": 300,
+                "batch_size": 32}
+    exps += _rules(mnist_fc, rules([1, 2, 5], 1e-3), "MNIST, FC 784-400-10")
+    mnist_conv = {**adam, "dataset": "mnist", "model": "crafton-mnist-conv", "epochs": 100,
+                  "batch_size": 64}
+    exps += _rules(mnist_conv, rules([1], 1e-4), "MNIST, conv 32-64 + FC 12544-128-10")
+    for dataset, classes, ks in (("cifar10", 10, [1, 2, 5]), ("cifar100", 100, [1, 10, 50])):
+        name = "CIFAR-10" if classes == 10 else "CIFAR-100"
+        fc = {**adam, "dataset": dataset, "model": "crafton-cifar-fc", "eps": 1e-5,
+              "epochs": 500, "batch_size": 100}
+        exps += _rules(fc, rules(ks, 1e-4, bp_lr=3e-5), f"{name}, FC 3072-1000x3-{classes}")
+        conv = {**adam, "dataset": dataset, "model": "crafton-cifar-conv", "eps": 1e-5,
+                "epochs": 100, "batch_size": 128}
+        exps += _rules(conv, rules(ks[:1], 1e-4), f"{name}, conv 96-128-256 + FC 2048x2")
+        exps += _rules({**conv, "lr": 1e-4, "transfer": True}, heads,
+                       f"{name}, conv transferred from BP, FC trained from scratch")
+    return ExperimentSet(
+        "crafton2019",
+        "Sparse DFA: BP vs DFA vs sparse DFA (Crafton, Parihar, Gebhardt, Raychowdhury 2019)",
+        "accuracy",
+        exps,
+        source="The paper's tables were not available to us, so the published column is empty; "
+        "the paper claims a small accuracy drop from dense to k=1 feedback, DFA far below BP on "
+        "convolutional networks trained end to end, and DFA competitive with BP when the "
+        "convolutional layers are transferred from a BP-trained network.",
+        notes="Networks, optimizer (Adam), batch sizes and the CIFAR learning rates follow the "
+        "paper and its code (bcrafton/ssdfa); the MNIST learning rates are ours (the paper "
+        "swept them). tanh everywhere; DFA layers start from zero weights, as in the paper. "
+        "No augmentation, as in the paper's code. Test accuracy after the last epoch.",
+        quick=QUICK,
+    )
+
+
+# BioTorch's benchmark (Sanfiz & Akrout 2021, github.com/jsalbert/biotorch, Benchmarks.md):
+# top-1 test error (%) with SGD.
+BIOTORCH = {
+    "lenet-mnist": {"bp": 0.91, "fa": 1.7, "dfa": 1.61, "usf": 0.94, "brsf": 0.91, "frsf": 0.97},
+    "resnet20": {"bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2},
+    "resnet56": {"bp": 8.3, "fa": 34.88, "dfa": 38.01, "usf": 8.2, "brsf": 8.69, "frsf": 9.49},
+}
+RULE_LABELS = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "uSF", "brsf": "brSF", "frsf": "frSF"}
+# The SGD learning rates of BioTorch's LeNet and ResNet-20 CIFAR-10 configs (benchmark_configs/).
+LENET_LR = {"bp": 0.1, "fa": 1e-3, "dfa": 1e-4, "usf": 0.1, "brsf": 0.1, "frsf": 0.1}
+RESNET_LR = {"bp": 0.1, "fa": 0.1, "dfa": 1e-3, "usf": 0.1, "brsf": 0.1, "frsf": 0.1}
+CIFAR_SGD = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 128,
+             "epochs": 250, "lr_schedule": "multistep", "lr_milestones": [100, 150, 200],
+             "augment": True}
+DIGITS_32 = {"dataset": "digits", "image_size": 32, "epochs": 30, "batch_size": 64,
+             "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def _per_rule(base, group, rules, lrs, published=None, **kwargs) -> list[Experiment]:
+    return [
+        Experiment(group, RULE_LABELS[r], {**base, "rule": r, "lr": lrs[r]},
+                   published=(published or {}).get(r), **kwargs)
+        for r in rules
+    ]
+
+
+def _moskovitz2018() -> ExperimentSet:
+    rules = ["bp", "fa", "usf", "brsf", "frsf"]
+    exps = _per_rule({**DIGITS_32, "model": "resnet20", "lr_schedule": "cosine", "epochs": 10},
+                     "digits 32x32 (stand-in), ResNet-20", rules, RESNET_LR, quick={})
+    for depth in (20, 32, 56):
+        base = {**CIFAR_SGD, "dataset": "cifar10", "model": f"resnet{depth}"}
+        exps += _per_rule(base, f"CIFAR-10, ResNet-{depth}", rules, RESNET_LR,
+                          BIOTORCH.get(f"resnet{depth}"), skip_quick=depth != 20)
+    return ExperimentSet(
+        "moskovitz2018",
+        "Layer-wise rules on CIFAR ResNets: FA and sign-concordant feedback "
+        "(Moskovitz, Litwin-Kumar, Abbott 2018)",
+        "error",
+        exps,
+        source="Moskovitz et al. report ImageNet results; the CIFAR-10 numbers shown are "
+        "BioTorch's reproduction of these rules (Sanfiz & Akrout 2021, Benchmarks.md, SGD), "
+        "best-validation model on a 45k/5k split. ResNet-32 has no published number.",
+        notes="SGD, momentum 0.9, weight decay 1e-4, batch 128, 250 epochs, learning rate / 10 "
+        "at epochs 100, 150, 200, random crop + flip (BioTorch's configs). We train on all 50k "
+        "images and report the test error after the last epoch.",
+        quick={**QUICK, "lr_schedule": "constant"},
+    )
+
+
+def _biotorch_benchmark() -> ExperimentSet:
+    rules = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
+    exps = _per_rule({**DIGITS_32, "model": "lenet"}, "digits 32x32 (stand-in), LeNet",
+                     rules, LENET_LR, quick={})
+    mnist = {"dataset": "mnist", "model": "lenet", "image_size": 32, "optimizer": "sgd",
+             "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 64, "epochs": 100,
+             "lr_schedule": "multistep", "lr_milestones": [50, 75], "augment": False}
+    exps += _per_rule(mnist, "MNIST, LeNet", rules, LENET_LR, BIOTORCH["lenet-mnist"])
+    cifar = {**CIFAR_SGD, "dataset": "cifar10", "model": "resnet20"}
+    exps += _per_rule(cifar, "CIFAR-10, ResNet-20", rules, RESNET_LR, BIOTORCH["resnet20"])
+    return ExperimentSet(
+        "biotorch-benchmark",
+        "The BioTorch benchmark: LeNet on MNIST, ResNet-20 on CIFAR-10 (Sanfiz & Akrout 2021)",
+        "error",
+        exps,
+        source="BioTorch's Benchmarks.md (github.com/jsalbert/biotorch), top-1 test error with "
+        "SGD, best-validation model (MNIST: 60k/10k validation; CIFAR-10: 45k/5k).",
+        notes="MNIST: images resized to 32x32, SGD momentum 0.9, weight decay 1e-3, batch 64, "
+        "100 epochs, learning rate / 10 at epochs 50 and 75 (as published); the initial learning "
+        "rates were not published and are taken from BioTorch's LeNet CIFAR-10 configs. "
+        "CIFAR-10: BioTorch's ResNet-20 SGD configs. We report the test error after the last "
+        "epoch.",
+        quick={**QUICK, "lr_schedule": "constant"},
+    )
+
+
+SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark())}
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def reproduce(
+    experiment_set: str | ExperimentSet,
+    *,
+    out: str | Path | None = None,
+    quick: bool = False,
+    data_root: str | Path | None = None,
+    seeds: int | None = None,
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run a set (by name or object) and write OUT/results.md; returns its path.
+
+    Args:
+        data_root: folder holding one sub-folder per data set (default: the cache folder).
+        seeds: number of seeds per experiment (default: the set's choice).
+        overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
+            {"download": True} fetches missing data sets).
+    """
+    chosen = _lookup(experiment_set)
+    out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
+    outcomes = []
+    for exp in chosen.experiments:
+        outcome = Outcome(exp)
+        outcomes.append(outcome)
+        if quick and exp.skip_quick:
+            outcome.skipped = "left out of --quick (too slow for a quick run)"
+            continue
+        values = {**exp.config, **(_quick_values(chosen, exp) if quick else {})}
+        values.update(overrides or {})
+        outcome.skipped = _unavailable(values, data_root, download=values.get("download", False))
+        if outcome.skipped:
+            continue
+        if _data_dir(data_root, values["dataset"]) is not None:
+            values["data_dir"] = str(_data_dir(data_root, values["dataset"]))
+        for seed in range(seeds) if seeds else exp.seeds:
+            run_dir = out / _slug(exp.group) / _slug(exp.label) / f"seed{seed}"
+            config = config_from_dict({**values, "seed": seed, "out": str(run_dir),
+                                       "progress": progress})
+            if progress:
+                print(f"== {chosen.name}: {exp.group} / {exp.label} / seed {seed}")
+            try:
+                summary = _run(config, run_dir)
+            except TrainingDiverged as error:
+                outcome.diverged.append(str(error))
+                continue
+            except DataError as error:
+                outcome.skipped = str(error)
+                break
+            outcome.summaries.append(summary)
+            outcome.run_dirs.append(run_dir)
+    results = out / "results.md"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(
+        [f"sdfa reproduce {chosen.name}"] + ["--quick"] * quick
+        + ([f"--seeds {seeds}"] if seeds else [])
+        + ([f"--data-root {data_root}"] if data_root is not None else [])
+        + [f"--set {k}={toml_value(v)}" for k, v in (overrides or {}).items()]
+    )
+    results.write_text(render(chosen, outcomes, quick, out, command))
+    return results
+
+
+def _quick_values(chosen: ExperimentSet, exp: Experiment) -> dict:
+    return chosen.quick if exp.quick is None else exp.quick
+
+
+def _run(config, run_dir: Path) -> dict:
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    return train(config, resume=(run_dir / "config.toml").exists())
+
+
+def _lookup(experiment_set) -> ExperimentSet:
+    if isinstance(experiment_set, ExperimentSet):
+        return experiment_set
+    if experiment_set not in SETS:
+        raise ValueError(f"unknown experiment set {experiment_set!r}; available: {', '.join(SETS)}")
+    return SETS[experiment_set]
+
+
+def _unavailable(values: dict, data_root, download: bool) -> str:
+    """Why an experiment cannot run here, one reason a line ('' when it can)."""
+    dataset, model, rule = values["dataset"], values["model"], values.get("rule", "dfa")
+    problems = []
+    if model not in MODELS:
+        problems.append(f"model {model!r} is not in this installation "
+                        f"(models: {', '.join(sorted(MODELS))})")
+    if rule not in RULES:
+        problems.append(f"rule {rule!r} is not in this installation "
+                        f"(rules: {', '.join(sorted(RULES))})")
+    if dataset not in DATASETS:
+        problems.append(f"unknown data set {dataset!r}")
+    else:
+        directory = _data_dir(data_root, dataset)
+        if not download and not is_present(dataset, directory):
+            problems.append(missing_message(dataset, directory))
+    return "\n".join(problems)
+
+
+def _data_dir(data_root, dataset: str) -> Path | None:
+    """Where a data set is read from under ``data_root`` (None: the default place)."""
+    return Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def render(
+    chosen: ExperimentSet, outcomes: list[Outcome], quick: bool, out: Path, command: str
+) -> str:
+    """The Markdown report: one table of our numbers next to the published ones, then notes,
+    what did not run and why, and the learning curves."""
+    metric = "test accuracy (%)" if chosen.metric == "accuracy" else "top-1 test error (%)"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = [
+        f"# {chosen.title}",
+        "",
+        f"Produced by `{command}` on {date.today().isoformat()} (sdfa {__version__}, "
+        f"torch {torch.__version__}, {device}).",
+    ]
+    if quick:
+        lines += ["", "**Quick run**: reduced epochs and data; the numbers show that the set "
+                  "runs, not what the full protocol reaches."]
+    lines += [
+        "",
+        f"| experiment | rule | ours: {metric} | published | test loss | seeds | epochs "
+        "| train s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if not any(o.summaries for o in outcomes):
+        lines.append("| *nothing could run here: see below* | | | | | | | |")
+    for o in outcomes:
+        if not o.summaries:
+            continue
+        values = [100 * s["test_accuracy"] for s in o.summaries]
+        if chosen.metric == "error":
+            values = [100 - v for v in values]
+        published = "—" if o.experiment.published is None else f"{o.experiment.published:.2f}"
+        seconds = statistics.mean(s["train_seconds"] for s in o.summaries)
+        loss = statistics.mean(s["test_loss"] for s in o.summaries)
+        epochs = o.summaries[0]["epochs"]
+        diverged = f" ({len(o.diverged)} diverged)" if o.diverged else ""
+        lines.append(
+            f"| {o.experiment.group} | {o.experiment.label} | {_mean_sd(values)}{diverged} | "
+            f"{published} | {loss:.4f} | {len(o.summaries)} | {epochs} | {seconds:.1f} |"
+        )
+    lines += ["", f"Published numbers: {chosen.source}", "", f"Protocol: {chosen.notes}"]
+    reasons: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o.skipped or (o.diverged and not o.summaries):
+            reason = o.skipped or "every seed diverged: " + o.diverged[0]
+            reasons.setdefault(reason, []).append(f"{o.experiment.group} / {o.experiment.label}")
+    if reasons:
+        lines += ["", "## Not run", ""]
+        for reason, names in reasons.items():
+            lines.append(f"- {'; '.join(names)}:")
+            lines.append("  " + reason.replace("\n", "\n  "))
+    groups = {}
+    for o in outcomes:
+        groups.setdefault(o.experiment.group, []).extend(o.run_dirs)
+    figures = [(g, dirs) for g, dirs in groups.items() if dirs]
+    if figures:
+        lines += ["", "## Learning curves", ""]
+        for group, dirs in figures:
+            png = plot_runs(dirs, out / f"curves-{_slug(group)}.png", title=group)
+            lines.append(f"![{group}]({png.name})")
+    return "\n".join(lines) + "\n"
+
+
+def describe_sets() -> str:
+    """One line per set, for ``sdfa reproduce --list``."""
+    return "\n".join(f"{s.name:20s} {s.title}" for s in SETS.values())
+

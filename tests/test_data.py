@@ -1,0 +1,337 @@
+"""Data loaders on small files written in each real format: good, subset, truncated, corrupt,
+wrong magic; downloads with checksum verification; the batch transforms."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdfa import data as sdfa_data
+from sdfa.cli import main
+from sdfa.data import DataError, load_dataset, prepare_batch, random_crop_flip
+from sdfa.data.files import RemoteFile, download
+
+RNG = np.random.default_rng(0)
+
+
+# -- writers for the real formats --------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(directory, n_train=20, n_test=10, compress=True):
+    """MNIST-format files with ``n_train`` / ``n_test`` samples; returns the arrays written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = RNG.integers(0, 10, n, dtype=np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            raw = idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            if compress:
+                (directory / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (directory / name).write_bytes(raw)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+def cifar_batch(n, label_key="labels", classes=10) -> dict:
+    data = RNG.integers(0, 256, (n, 3072), dtype=np.uint8)
+    labels = RNG.integers(0, classes, n).tolist()
+    return {b"batch_label": b"test", label_key.encode(): labels, b"data": data}
+
+
+def write_cifar_archive(path, folder, members: dict[str, bytes]):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, raw in members.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def cifar10_members(n_batches=5, per_batch=8, n_test=6):
+    members = {f"data_batch_{i}": pickle.dumps(cifar_batch(per_batch), protocol=2)
+               for i in range(1, n_batches + 1)}
+    members["test_batch"] = pickle.dumps(cifar_batch(n_test), protocol=2)
+    names = [n.encode() for n in "airplane automobile bird cat deer dog frog horse ship".split()]
+    members["batches.meta"] = pickle.dumps({b"label_names": names}, protocol=2)
+    return members
+
+
+# -- MNIST / Fashion-MNIST ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_subset_loads(tmp_path, name, compress):
+    arrays = write_mnist(tmp_path, compress=compress)
+    data = load_dataset(name, tmp_path)
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert len(data.train) == 20 and len(data.test) == 10
+    images, labels = arrays["train"]
+    assert torch.equal(data.train.images[:, 0], torch.from_numpy(images))
+    assert torch.equal(data.train.labels, torch.from_numpy(labels.astype(np.int64)))
+    assert data.mean[0] == pytest.approx(images.mean() / 255, rel=1e-6)
+
+
+def test_idx_truncated_gzip(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: corrupt or truncated gzip"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_truncated_body(tmp_path):
+    write_mnist(tmp_path, compress=False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    expected = (r"t10k-images-idx3-ubyte: truncated: the header announces 10 x 28 x 28 values "
+                r"\(7840 bytes\) but the file holds 7740")
+    with pytest.raises(DataError, match=expected):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_corrupt_gzip(tmp_path):
+    write_mnist(tmp_path)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[12:20] = b"\xff" * 8
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: corrupt or truncated gzip"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_wrong_magic(tmp_path):
+    write_mnist(tmp_path)
+    labels = (tmp_path / "train-labels-idx1-ubyte.gz").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(labels)  # a label file in its place
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: wrong magic number "
+                                        r"0x00000801; an IDX image file starts with 0x00000803"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_counts_disagree(tmp_path):
+    write_mnist(tmp_path)
+    labels = RNG.integers(0, 10, 7, dtype=np.uint8)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(DataError, match="holds 20 images but .* holds 7 labels"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_missing_data_says_what_to_download(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "--download" in message
+    for remote in sdfa_data.DATASETS["mnist"].files:
+        assert remote.urls[0] in message and remote.md5 in message
+
+
+def test_cli_reports_bad_file_in_one_line(tmp_path, capsys):
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdfa train: error: ") and "t10k-labels-idx1-ubyte.gz" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# -- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------
+
+
+def test_cifar10_archive_and_folder(tmp_path):
+    members = cifar10_members()
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    data = load_dataset("cifar10", tmp_path)
+    assert len(data.train) == 40 and len(data.test) == 6 and data.input_shape == (3, 32, 32)
+    assert data.classes[0] == "airplane" and data.num_classes == 10 and data.augment
+    first = pickle.loads(members["data_batch_1"])
+    assert torch.equal(data.train.images[0].flatten(), torch.from_numpy(first[b"data"][0]))
+    assert data.train.labels[:8].tolist() == first[b"labels"]
+
+    folder = tmp_path / "extracted" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, raw in members.items():
+        (folder / name).write_bytes(raw)
+    extracted = load_dataset("cifar10", tmp_path / "extracted")
+    assert torch.equal(extracted.train.images, data.train.images)
+
+
+def test_cifar10_subset_of_batches(tmp_path):
+    members = cifar10_members(n_batches=1)
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    assert len(load_dataset("cifar10", tmp_path).train) == 8
+
+
+def test_cifar100(tmp_path):
+    members = {
+        "train": pickle.dumps(cifar_batch(12, "fine_labels", 100), protocol=2),
+        "test": pickle.dumps(cifar_batch(5, "fine_labels", 100), protocol=2),
+    }
+    write_cifar_archive(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", members)
+    data = load_dataset("cifar100", tmp_path)
+    assert (len(data.train), len(data.test), data.num_classes) == (12, 5, 100)
+
+
+def test_cifar_truncated_archive(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    write_cifar_archive(path, "cifar-10-batches-py", cifar10_members())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz: corrupt or truncated archive"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar_corrupt_batch(tmp_path):
+    members = cifar10_members()
+    members["test_batch"] = b"\x80\x02}q\x00garbage"
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    with pytest.raises(DataError, match=r"\(member test_batch\): not a CIFAR batch file"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar_wrong_content(tmp_path):
+    members = cifar10_members()
+    wrong = {b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}
+    members["data_batch_2"] = pickle.dumps(wrong)
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    with pytest.raises(DataError, match=r"data_batch_2\): 'data' must be an N x 3072 uint8 array"):
+        load_dataset("cifar10", tmp_path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    members = cifar10_members()
+    members["test_batch"] = pickle.dumps({b"data": _Exploit(), b"labels": []}, protocol=2)
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    with pytest.raises(DataError, match=r"unexpected object (posix|os|nt)\.system"):
+        load_dataset("cifar10", tmp_path)
+
+
+# -- image folders -----------------------------------------------------------------------------
+
+
+def write_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 14)):
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((size[1], size[0], 3), 40 * c + i, np.uint8)
+                ext = "png" if i % 2 else "JPEG"
+                Image.fromarray(pixels).save(folder / f"{i}.{ext.lower()}", format=ext)
+
+
+def test_image_folder(tmp_path):
+    write_folder(tmp_path)
+    data = load_dataset("folder", tmp_path, image_size=8)
+    assert data.classes == ("cat", "dog") and data.num_classes == 2
+    assert data.input_shape == (3, 8, 8) and len(data.train) == 6 and len(data.test) == 6
+    images, labels = data.train.__getitems__([0, 4])
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1]
+    assert images[0].float().mean().round() == 0 and images[1].float().mean().round() == 41
+
+
+def test_image_folder_corrupt_image(tmp_path):
+    write_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "9.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    data = load_dataset("folder", tmp_path, image_size=8)
+    index = data.train.paths.index(bad)
+    with pytest.raises(DataError, match=r"9\.jpg: cannot decode image"):
+        data.train[index]
+
+
+def test_image_folder_layout_errors(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="not found .* arrange the images as DIR/train/<class>/"):
+        load_dataset("folder", tmp_path)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no image files"):
+        load_dataset("folder", tmp_path)
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset("folder")
+
+
+# -- digits, downloads, transforms -------------------------------------------------------------
+
+
+def test_digits_split_is_fixed():
+    data = load_dataset("digits")
+    assert (len(data.train), len(data.test), data.input_shape) == (1437, 360, (1, 8, 8))
+    assert torch.bincount(data.test.labels).min() >= 35  # stratified
+    assert torch.equal(load_dataset("digits").test.labels, data.test.labels)
+    resized = load_dataset("digits", image_size=32, train_samples=100)
+    assert resized.input_shape == (1, 32, 32) and len(resized.train) == 100
+
+
+def test_download_checks_md5(tmp_path):
+    source = tmp_path / "src" / "file.gz"
+    source.parent.mkdir()
+    source.write_bytes(b"payload")
+    md5 = hashlib.md5(b"payload").hexdigest()
+    good = download(RemoteFile("file.gz", (source.as_uri(),), md5), tmp_path / "cache")
+    assert good.read_bytes() == b"payload"
+    with pytest.raises(DataError, match="MD5 .* expected 0000"):
+        download(RemoteFile("other.gz", (source.as_uri(),), "0" * 32), tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["file.gz"]
+
+
+def test_download_then_load(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "mirror")
+    spec = sdfa_data.DATASETS["mnist"]
+    files = tuple(
+        RemoteFile(f.name, ((tmp_path / "mirror" / f.name).as_uri(),),
+                   hashlib.md5((tmp_path / "mirror" / f.name).read_bytes()).hexdigest())
+        for f in spec.files
+    )
+    monkeypatch.setitem(sdfa_data.DATASETS, "mnist", dataclasses.replace(spec, files=files))
+    monkeypatch.setenv("SDFA_DATA", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="was not found"):
+        load_dataset("mnist")
+    data = load_dataset("mnist", download=True)
+    assert len(data.train) == 20 and (tmp_path / "cache" / "mnist" / files[0].name).exists()
+
+
+def test_random_crop_flip_is_a_shifted_window():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    out = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    again = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    flips = random_crop_flip(x.repeat(32, 1, 1, 1), 0, torch.Generator().manual_seed(1))
+    flipped = [torch.equal(f, x[i % 2].flip(-1)) for i, f in enumerate(flips)]
+    assert all(torch.equal(f, x[i % 2]) or flipped[i] for i, f in enumerate(flips))
+    assert 0 < sum(flipped) < 64
+
+
+def test_prepare_batch_normalizes():
+    data = load_dataset("digits")
+    x = prepare_batch(data.train.images, data)
+    assert x.dtype == torch.float32
+    assert x.mean().item() == pytest.approx(0, abs=1e-5)
+    assert x.std().item() == pytest.approx(1, abs=1e-3)

@@ -1,0 +1,79 @@
+"""``sdfa reproduce``: a small set runs, reports our numbers next to the published ones, lists
+what could not run (with the files to download), and reuses finished runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdfa.cli import main
+from sdfa.config import config_from_dict
+from sdfa.reproduce import SETS, Experiment, ExperimentSet, reproduce
+
+TINY = {"dataset": "digits", "model": "mlp", "epochs": 1, "train_samples": 128, "threads": 1,
+        "tensorboard": False}
+
+
+def tiny_set() -> ExperimentSet:
+    return ExperimentSet(
+        "tiny", "A tiny set", "accuracy",
+        [
+            Experiment("digits MLP", "BP", {**TINY, "rule": "bp"}, published=97.5),
+            Experiment("digits MLP", "DFA k=1", {**TINY, "rule": "dfa", "k": 1}, seeds=(0, 1)),
+            Experiment("MNIST MLP", "DFA", {**TINY, "dataset": "mnist"}),
+            Experiment("digits other", "missing model", {**TINY, "model": "no-such-model"}),
+            Experiment("digits slow", "full only", {**TINY}, skip_quick=True),
+        ],
+        source="made up for the test", notes="one epoch", quick={"train_samples": 64},
+    )
+
+
+def test_reproduce_tiny_set(tmp_path):
+    out = tmp_path / "out"
+    data_root = tmp_path / "data"
+    results = reproduce(tiny_set(), out=out, quick=True, data_root=data_root, progress=False)
+    text = results.read_text()
+    assert "| digits MLP | BP |" in text and "| 97.50 |" in text
+    assert "| digits MLP | DFA k=1 |" in text and " ± " in text  # two seeds: mean ± sd
+    assert "sdfa reproduce tiny --quick" in text and "Quick run" in text
+    # what did not run, and why
+    assert "- MNIST MLP / DFA:\n  data set 'mnist' was not found in" in text
+    assert "train-images-idx3-ubyte.gz" in text and str(data_root / "mnist") in text
+    assert "- digits other / missing model:\n  model 'no-such-model' is not in" in text
+    assert "- digits slow / full only:\n  left out of --quick" in text
+    assert "![digits MLP](curves-digits-mlp.png)" in text
+    assert (out / "curves-digits-mlp.png").exists()
+
+    assert json.loads((out / "digits-mlp" / "bp" / "seed0" / "summary.json").read_text())[
+        "train_samples"] == 64  # the set's quick reductions apply
+    summary = out / "digits-mlp" / "dfa-k-1" / "seed1" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    reproduce(tiny_set(), out=out, quick=True, data_root=data_root, progress=False)
+    assert summary.stat().st_mtime_ns == stamp  # finished runs are reused
+
+
+def test_error_sets_report_errors(tmp_path):
+    error_set = tiny_set()
+    error_set.metric = "error"
+    error_set.experiments = error_set.experiments[:1]
+    text = reproduce(error_set, out=tmp_path, progress=False).read_text()
+    assert "top-1 test error (%)" in text
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_published_sets_are_valid_configs(name):
+    chosen = SETS[name]
+    assert chosen.experiments and chosen.source
+    for exp in chosen.experiments:
+        config_from_dict(exp.config)
+        config_from_dict({**exp.config, **(chosen.quick if exp.quick is None else exp.quick)})
+        assert exp.published is None or 0 < exp.published < 100
+
+
+def test_cli_lists_sets_and_rejects_unknown(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("crafton2019", "moskovitz2018", "biotorch-benchmark"))
+    assert main(["reproduce", "nope"]) == 2
+    assert "unknown experiment set 'nope'" in capsys.readouterr().err

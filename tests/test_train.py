@@ -1,0 +1,222 @@
+"""The training tool: CLI smoke runs, run-directory contents, resume after SIGKILL, NaN stop,
+zero initialization, the transfer protocol, and the plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import sdfa
+from sdfa.cli import main
+from sdfa.config import TrainConfig, config_from_dict, load_toml
+from sdfa.data import load_dataset
+from sdfa.plot import plot_runs
+from sdfa.train import Callback, Trainer, TrainingDiverged, build_model, train
+
+SRC = Path(sdfa.__file__).resolve().parents[1]
+# Small, fast runs: 256 digits, one thread, no TensorBoard unless a test wants it.
+FAST = ["--quiet", "--set", "train_samples=256", "--set", "threads=1"]
+SUMMARY_KEYS = {"rule", "dataset", "model", "epochs", "test_accuracy", "test_loss",
+                "train_seconds", "params"}
+
+
+def small(tmp_path, name="run", **values) -> TrainConfig:
+    base = {"out": str(tmp_path / name), "epochs": 2, "train_samples": 256, "threads": 1,
+            "progress": False, "tensorboard": False}
+    return config_from_dict({**base, **values})
+
+
+def test_cli_smoke_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--epochs", "2", "--rule", "dfa", "--k", "1", *FAST]
+    assert main(["train", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "dfa k=1 on digits (mlp): test accuracy" in printed and str(out) in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert (summary["rule"], summary["k"], summary["epochs"]) == ("dfa", 1, 2)
+    assert summary["params"] == 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["test_accuracy"]) == summary["test_accuracy"]
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+
+    # the saved config rebuilds the model; final.pt holds its state_dict and its accuracy
+    config = config_from_dict(load_toml(out / "config.toml"))
+    assert (config.rule, config.k, config.train_samples) == ("dfa", 1, 256)
+    data = load_dataset("digits")
+    model = build_model(config, data)
+    model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
+    trainer = Trainer(config, data, model, out)
+    assert trainer.evaluate() == pytest.approx((summary["test_loss"], summary["test_accuracy"]))
+
+
+def test_config_file_flags_and_set_precedence(tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text('rule = "bp"\nlr = 0.5\nepochs = 9\nbatch_size = 16\n'
+                           '[model_options]\nhidden = [7]\n')
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config_file), "--lr", "0.01", "--epochs", "1",
+            "--set", "epochs=2", "--out", str(out), *FAST]
+    assert main(args) == 0
+    saved = config_from_dict(load_toml(out / "config.toml"))
+    assert (saved.rule, saved.lr, saved.epochs, saved.batch_size) == ("bp", 0.01, 2, 16)
+    assert saved.model_options == {"hidden": [7]}
+    assert json.loads((out / "summary.json").read_text())["params"] == 64 * 7 + 7 + 7 * 10 + 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "lrr=1"], "unknown config key 'lrr' (did you mean 'lr'?)"),
+        (["--set", "epochs=1.5"], "epochs must be an integer; got 1.5"),
+        (["--rule", "nope"], "unknown rule 'nope'"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--rule", "bp", "--k", "1"], "unknown option(s) k for rule(s) bp"),
+        (["--set", "model_options.width=3"], "model 'mlp': bad model_options"),
+        (["--transfer"], "the transfer protocol needs a model made of 'features' and 'classifier'"),
+        (["--set", "lr=1e39"], "lr must be a number in [0, 3.4e+38]"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, args, message):
+    assert main(["train", "--out", str(tmp_path / "run"), *args, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing is created for a run that cannot start
+
+
+def test_fresh_run_refuses_a_used_directory_and_resume_checks_settings(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, "--epochs", "1", *FAST]) == 0
+    assert main(["train", "--out", out, "--epochs", "1", *FAST]) == 2
+    assert "already exists and is not empty: pass --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", "--quiet"]) == 2
+    assert "--resume needs --out RUN_DIR" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--lr", "0.5", *FAST]) == 2
+    assert "these settings differ: lr: saved 0.001, now 0.5" in capsys.readouterr().err
+    # a finished run resumes to the same summary; runtime keys may change
+    assert main(["train", "--out", out, "--resume", "--quiet", "--device", "cpu"]) == 0
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    """Kill a run with SIGKILL while it trains, resume it: the final weights equal, bit for bit,
+    those of a run that was never interrupted (dropout, augmentation and sparse DFA included)."""
+    args = ["--epochs", "8", "--rule", "dfa", "--k", "1", "--model", "crafton-mnist-fc",
+            "--set", "model_options.dropout=0.1", "--set", "augment=true",
+            "--set", "tensorboard=false", "--quiet", "--set", "threads=1",
+            "--set", "train_samples=512"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert main(["train", "--out", str(reference), *args]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "sdfa", "train", "--out", str(killed), *args],
+                            env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (killed / "summary.json").exists()
+    epochs_done = torch.load(killed / "last.pt", weights_only=False)["epoch"]
+    assert 1 <= epochs_done < 8
+
+    assert main(["train", "--out", str(killed), "--resume", "--quiet"]) == 0
+    expected = torch.load(reference / "final.pt", weights_only=True)
+    resumed = torch.load(killed / "final.pt", weights_only=True)
+    assert expected.keys() == resumed.keys()
+    for key, value in expected.items():  # tensors, and the sparse feedback's extra state
+        assert torch.equal(value, resumed[key]) if torch.is_tensor(value) else value == resumed[key]
+    with open(killed / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))
+
+
+class PoisonWeights(Callback):
+    """Sets the weights to NaN in the middle of epoch ``epoch``."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_step_end(self, trainer, inputs, labels, loss):
+        if trainer.epoch + 1 == self.epoch and trainer.global_step % 8 == 3:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = small(tmp_path, epochs=4)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at epoch 2, step \d+: "
+                                               r"training stopped; the last good checkpoint, "
+                                               r".*last\.pt, holds epoch 1"):
+        train(config, callbacks=[PoisonWeights(epoch=2)])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_cli_divergence_exit_code(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "run"), "--rule", "bp", "--optimizer", "sgd",
+            "--lr", "1e30", "--set", "model_options.activation=relu", *FAST]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("sdfa train: stopped: the loss became nan") and "Traceback" not in err
+
+
+def test_zero_init_follows_the_papers(tmp_path):
+    data = load_dataset("digits")
+
+    def weights(**values):
+        model = build_model(small(tmp_path, **values), data)
+        return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    assert all(w.abs().sum() == 0 for w in weights(rule="dfa"))  # tanh + DFA: zero
+    assert all(w.abs().sum() > 0 for w in weights(rule="bp"))
+    assert all(w.abs().sum() > 0 for w in weights(rule="dfa", model_options={"activation": "relu"}))
+    assert all(w.abs().sum() > 0 for w in weights(rule="dfa", zero_init=False))
+    assert all(w.abs().sum() > 0 for w in weights(rule="bp", zero_init=True))  # DFA layers only
+
+
+def test_transfer_protocol(tmp_path):
+    config = small(tmp_path, model="crafton-mnist-conv", transfer=True, epochs=1,
+                   pretrain_epochs=1, rule="dfa", k=1, train_samples=128)
+    summary = train(config)
+    run = tmp_path / "run"
+    pretrain = json.loads((run / "pretrain" / "summary.json").read_text())
+    assert pretrain["rule"] == "bp"
+    assert summary["pretrain"]["test_accuracy"] == pretrain["test_accuracy"]
+    assert summary["trainable_params"] < summary["params"]
+    before = torch.load(run / "pretrain" / "final.pt", weights_only=True)
+    after = torch.load(run / "final.pt", weights_only=True)
+    features = [k for k in before if k.startswith("features.")]
+    assert features and all(torch.equal(before[k], after[k]) for k in features)
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    assert "classifier.1.dfa_feedback.index" in after  # the new classifier learned with sparse DFA
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    runs = []
+    for rule, seed in (("bp", 0), ("dfa", 0), ("dfa", 1)):
+        config = small(tmp_path, name=f"{rule}{seed}", rule=rule, seed=seed)
+        train(config)
+        runs.append(str(tmp_path / f"{rule}{seed}"))
+    path = plot_runs(runs, tmp_path / "curves.png", title="digits")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 600
+    assert main(["plot", runs[0]]) == 0
+    assert Path(capsys.readouterr().out.strip()) == Path(runs[0]) / "curves.png"
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.csv not found" in capsys.readouterr().err
