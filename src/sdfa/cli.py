@@ -13,6 +13,7 @@ TRAIN_EXAMPLES = """examples:
   sdfa train --dataset cifar10 --model crafton-cifar-conv --transfer --rule dfa --k 1
   sdfa train --config run.toml --set lr=3e-4 --set model_options.hidden=[200,200]
   sdfa train --out runs/a --resume              # continue a run that was interrupted
+  sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5 --set privacy_options.max_input_norm=8
 
 Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
 (--config) or with --set KEY=VALUE; flags override the file and --set overrides both.
@@ -143,6 +144,9 @@ def _train(args) -> int:
         f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f} "
         f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)"
     )
+    if "privacy" in summary:
+        print(f"{summary['privacy']}: epsilon {summary['epsilon']:.3f} at delta "
+              f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3f})")
     print(f"run directory: {summary['run_dir']}")
     return 0
 
@@ -185,6 +189,12 @@ def _add_train(commands) -> None:
     opt.add_argument("--epochs", type=int, help="number of epochs (default 30)")
     opt.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 32)")
     opt.add_argument("--seed", type=int, help="seeds weights, feedback and data order (default 0)")
+    private = p.add_argument_group("differential privacy (needs Opacus; docs/privacy.md)")
+    private.add_argument("--privacy", metavar="METHOD",
+                         help="dp-sgd (with --rule bp), dp-dfa or dp-noisy-projection (--rule dfa)")
+    private.add_argument("--epsilon", type=float,
+                         help="privacy budget: the noise is set to spend it in --epochs")
+    private.add_argument("--delta", type=float, help="privacy budget's delta (default 1e-5)")
     run = p.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run directory (default runs/<name>-<time>)")
     run.add_argument("--config", metavar="FILE.toml", default=None,

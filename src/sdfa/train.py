@@ -403,7 +403,7 @@ class Trainer:
             loss_sum += loss * len(labels)
             correct += hits
             seen += len(labels)
-            if self.global_step % 10 == 0:
+            if self.global_step % 10 == 0 and seen:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
         train_seconds = time.perf_counter() - start
         bar.close()
@@ -414,8 +414,8 @@ class Trainer:
             "epoch": epoch,
             "step": self.global_step,
             "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": loss_sum / max(seen, 1),  # Poisson sampling: batches may be empty
+            "train_accuracy": correct / max(seen, 1),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "epoch_seconds": train_seconds,
@@ -430,7 +430,8 @@ class Trainer:
         )
         y = labels.to(self.device, non_blocking=True)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        # Poisson sampling (private runs) can draw an empty batch: its step is noise alone.
+        loss = F.cross_entropy(logits, y) if len(y) else logits.sum()
         if not torch.isfinite(loss):
             raise TrainingDiverged(self._divergence_message(loss.item()))
         self.optimizer.zero_grad(set_to_none=True)
@@ -539,6 +540,10 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         seed_everything(config.seed)
         model = build_model(config, data, features)
     frozen = [model.features] if config.transfer else []
+    if config.privacy is not None:
+        from .privacy.training import PrivacyCallback
+
+        callbacks = [*callbacks, PrivacyCallback(config)]
     trainer = Trainer(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():

@@ -67,7 +67,7 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self.mechanism: FeedbackMechanism | None = None
         self.target: tuple[float, float] | None = None
-        self._max_steps: int | None = None
+        self._safe_steps: int | None = None  # steps known to fit in the target budget
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ class PrivacyEngine:
         self.sample_rate = sample_rate
         if target_epsilon is not None:
             self.target = (target_epsilon, target_delta)
-            self._max_steps = self._steps_within(target_epsilon, target_delta)
+            self._safe_steps = self._steps_within(target_epsilon, target_delta)
         return module, optimizer, data_loader
 
     def make_private_with_epsilon(
@@ -173,13 +173,15 @@ class PrivacyEngine:
         _check_budget(target_epsilon, target_delta)
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
+        steps = epochs * len(data_loader)
         noise = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
             sample_rate=1 / len(data_loader),
-            epochs=epochs,
+            steps=steps,
             accountant=self.accountant.mechanism(),
         )
+        self._safe_steps = steps  # the noise is calibrated for them: no search needed
         return self.make_private(
             module=module,
             optimizer=optimizer,
@@ -211,6 +213,12 @@ class PrivacyEngine:
         self.accountant.load_state_dict(state["accountant"])
         for name, bound in state.get("feedback_bounds", {}).items():
             self.mechanism.layers[name].feedback_bound = bound
+
+    @property
+    def steps_within_budget(self) -> int | None:
+        """Steps that fit in the target budget (None without a target): the most that fit for
+        ``make_private``, the planned ``epochs`` for ``make_private_with_epsilon``."""
+        return self._safe_steps
 
     @property
     def steps(self) -> int:
@@ -266,9 +274,8 @@ class PrivacyEngine:
     def _check_next_step(self, rate: float) -> None:
         if self.target is None:
             return
-        if rate == self.sample_rate:
-            within = self.steps + 1 <= self._max_steps
-        else:
+        within = rate == self.sample_rate and self.steps + 1 <= self._safe_steps
+        if not within:  # beyond the known safe steps: evaluate this one step exactly
             within = self._epsilon_after([(self.noise_multiplier, rate, 1)]) <= self.target[0]
         if not within:
             epsilon, delta = self.target
@@ -287,6 +294,8 @@ class PrivacyEngine:
 
     def _steps_within(self, epsilon: float, delta: float) -> int:
         """The most steps at the current noise and sample rate that spend at most epsilon."""
+        if self._safe_steps is not None:  # set by make_private_with_epsilon
+            return self._safe_steps
         if self._epsilon_after([(self.noise_multiplier, self.sample_rate, 1)]) > epsilon:
             raise ValueError(
                 f"noise_multiplier {self.noise_multiplier:g} cannot meet the budget epsilon "
