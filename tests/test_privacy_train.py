@@ -116,3 +116,30 @@ def test_empty_poisson_batch_is_a_noise_only_step(tmp_path):
     loss, hits = trainer.step(images, labels)
     assert (loss, hits) == (0.0, 0)
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_reproduce_sweep_tabulates_and_plots_against_epsilon(tmp_path):
+    """A tiny private set through ``sdfa reproduce``: the accuracy-against-epsilon table (one
+    row per method, non-private runs as references) and its plot."""
+    from sdfa.reproduce import Experiment, ExperimentSet, reproduce
+
+    tiny = {"dataset": "digits", "model": "mlp", "epochs": 1, "train_samples": 128,
+            "threads": 1, "tensorboard": False, "batch_size": 32}
+    private = {**tiny, "privacy": "dp-dfa", "privacy_options": {"max_input_norm": 8.0}}
+    chosen = ExperimentSet(
+        "tiny-dp", "A tiny private set", "accuracy",
+        [Experiment("digits MLP", f"DP-DFA, epsilon={e:g}", {**private, "epsilon": e},
+                    series="DP-DFA", seeds=(0, 1)) for e in (2.0, 8.0)]
+        + [Experiment("digits MLP", "DFA, non-private", {**tiny, "rule": "dfa"})],
+        source="made up", sweep="epsilon",
+    )
+    text = reproduce(chosen, out=tmp_path, progress=False).read_text()
+    assert "## digits MLP: test accuracy (%) against epsilon" in text
+    assert "| | epsilon = 2 | epsilon = 8 |" in text
+    assert re.search(r"\| DP-DFA \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \|", text)
+    assert re.search(r"\| DFA, non-private \(epsilon = inf\) \| [\d.]+ \| [\d.]+ \|", text)
+    assert "![digits MLP](sweep-digits-mlp.png)" in text
+    assert (tmp_path / "sweep-digits-mlp.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "digits-mlp" / "dp-dfa-epsilon-8" / "seed1" /
+                          "summary.json").read_text())
+    assert summary["privacy"] == "dp-dfa" and summary["epsilon"] <= 8.0

@@ -9,6 +9,7 @@ itself; ``dp-dfa`` and ``dp-noisy-projection`` bound DFA's per-example updates w
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -174,13 +175,8 @@ class PrivacyEngine:
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
         steps = epochs * len(data_loader)
-        noise = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=1 / len(data_loader),
-            steps=steps,
-            accountant=self.accountant.mechanism(),
-        )
+        noise = _calibrated_noise(target_epsilon, target_delta, 1 / len(data_loader), steps,
+                                  self.accountant.mechanism())
         self._safe_steps = steps  # the noise is calibrated for them: no search needed
         return self.make_private(
             module=module,
@@ -313,6 +309,14 @@ class PrivacyEngine:
             else:
                 high = middle
         return low
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
+                      accountant: str) -> float:
+    """Opacus's noise multiplier for the budget (cached: its binary search takes seconds)."""
+    return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                sample_rate=sample_rate, steps=steps, accountant=accountant)
 
 
 def _split_noise(noise_multiplier: float, share: float, layers: int) -> tuple[float, float]:
