@@ -206,13 +206,13 @@ def _biotorch_benchmark() -> ExperimentSet:
 # epsilon 2, a validation split of the training set). Input clips are per data set: about the
 # norm of a normalized input, sqrt(number of input values).
 LEE2020_METHODS = {
-    "dp-sgd": ("DP-SGD (Opacus)", {"rule": "bp", "lr": 3e-2, "batch_size": 256, "epochs": 30,
-                                   "privacy_options": {"max_grad_norm": 0.1}}),
-    "dp-dfa": ("DP-DFA (Lee & Kifer)", {"rule": "dfa", "lr": 1e-2, "batch_size": 64, "epochs": 30,
+    "dp-sgd": ("DP-SGD (Opacus)", {"rule": "bp", "lr": 1e-2, "batch_size": 64, "epochs": 15,
+                                   "privacy_options": {"max_grad_norm": 1.0}}),
+    "dp-dfa": ("DP-DFA (Lee & Kifer)", {"rule": "dfa", "lr": 1e-2, "batch_size": 64, "epochs": 15,
                                         "privacy_options": {"max_error_norm": 0.2,
                                                             "max_activation_norm": 5.0}}),
     "dp-noisy-projection": ("noisy-projection DP-DFA",
-                            {"rule": "dfa", "lr": 3e-2, "batch_size": 256, "epochs": 15,
+                            {"rule": "dfa", "lr": 1e-2, "batch_size": 64, "epochs": 30,
                              "privacy_options": {"max_activation_norm": 3.0}}),
 }
 LEE2020_EPSILONS = (1.0, 2.0, 4.0, 8.0)
