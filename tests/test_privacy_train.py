@@ -143,3 +143,20 @@ def test_reproduce_sweep_tabulates_and_plots_against_epsilon(tmp_path):
     summary = json.loads((tmp_path / "digits-mlp" / "dp-dfa-epsilon-8" / "seed1" /
                           "summary.json").read_text())
     assert summary["privacy"] == "dp-dfa" and summary["epsilon"] <= 8.0
+
+
+@pytest.mark.parametrize("privacy, rule, options", [
+    ("dp-dfa", "dfa", {"max_input_norm": 8.0}),
+    ("dp-sgd", "bp", {"max_grad_norm": 1.0}),
+])
+def test_signal_fraction_is_within_the_sensitivity(privacy, rule, options):
+    """The --signal measurement of docs/privacy.md: each example's update stays within the
+    sensitivity that calibrates the noise, in the real training pipeline."""
+    from sdfa.privacy.lee2020 import SignalFraction, fit
+
+    signal = SignalFraction(samples=20)
+    values = {"dataset": "digits", "model": "mlp", "rule": rule, "privacy": privacy,
+              "noise_multiplier": 1.0, "privacy_options": options, "epochs": 2,
+              "train_samples": 128, "batch_size": 32}
+    fit(values, load_dataset("digits", train_samples=128), callbacks=[signal])
+    assert len(signal.fractions) == 2 and all(0 < f <= 1 for f in signal.fractions)
