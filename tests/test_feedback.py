@@ -110,3 +110,9 @@ def test_bad_options(kwargs, message):
 def test_rank_larger_than_layer():
     with pytest.raises(ValueError, match="rank must be <= 3"):
         fb.make_feedback(10, 3, seed=0, name="x", rank=5)
+
+
+def test_matrices_do_not_depend_on_the_default_dtype(float64):
+    in_float64 = fb.make_feedback(10, 50, seed=0, name="x", k=2).dense()
+    torch.set_default_dtype(torch.float32)
+    assert torch.equal(in_float64, fb.make_feedback(10, 50, seed=0, name="x", k=2).dense())

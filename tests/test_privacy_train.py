@@ -65,6 +65,8 @@ def test_cli_private_run_logs_epsilon(tmp_path, capsys, args):
         ({"privacy_options": {"max_input_norm": 0.0}}, "max_input_norm must be a number > 0"),
         ({"privacy": None}, "epsilon / noise_multiplier need a privacy method"),
         ({"model": "crafton-cifar-conv", "transfer": True}, "cannot be combined with privacy"),
+        ({"nproc": 2}, "private training runs in one process"),
+        ({"log_alignment": 10}, "log_alignment .* cannot be combined with privacy"),
     ],
 )
 def test_bad_private_settings_are_refused_before_training(tmp_path, values, message):

@@ -26,13 +26,27 @@ from sdfa.train import Callback, Trainer, TrainingDiverged, build_model, train
 SRC = Path(sdfa.__file__).resolve().parents[1]
 # Small, fast runs: 256 digits, one thread, no TensorBoard unless a test wants it.
 FAST = ["--quiet", "--set", "train_samples=256", "--set", "threads=1"]
-SUMMARY_KEYS = {"rule", "dataset", "model", "epochs", "test_accuracy", "test_loss",
-                "train_seconds", "params"}
+SUMMARY_KEYS = {
+    "rule",
+    "dataset",
+    "model",
+    "epochs",
+    "test_accuracy",
+    "test_loss",
+    "train_seconds",
+    "params",
+}
 
 
 def small(tmp_path, name="run", **values) -> TrainConfig:
-    base = {"out": str(tmp_path / name), "epochs": 2, "train_samples": 256, "threads": 1,
-            "progress": False, "tensorboard": False}
+    base = {
+        "out": str(tmp_path / name),
+        "epochs": 2,
+        "train_samples": 256,
+        "threads": 1,
+        "progress": False,
+        "tensorboard": False,
+    }
     return config_from_dict({**base, **values})
 
 
@@ -65,11 +79,24 @@ def test_cli_smoke_run(tmp_path, capsys):
 
 def test_config_file_flags_and_set_precedence(tmp_path):
     config_file = tmp_path / "run.toml"
-    config_file.write_text('rule = "bp"\nlr = 0.5\nepochs = 9\nbatch_size = 16\n'
-                           '[model_options]\nhidden = [7]\n')
+    config_file.write_text(
+        'rule = "bp"\nlr = 0.5\nepochs = 9\nbatch_size = 16\n[model_options]\nhidden = [7]\n'
+    )
     out = tmp_path / "run"
-    args = ["train", "--config", str(config_file), "--lr", "0.01", "--epochs", "1",
-            "--set", "epochs=2", "--out", str(out), *FAST]
+    args = [
+        "train",
+        "--config",
+        str(config_file),
+        "--lr",
+        "0.01",
+        "--epochs",
+        "1",
+        "--set",
+        "epochs=2",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     assert main(args) == 0
     saved = config_from_dict(load_toml(out / "config.toml"))
     assert (saved.rule, saved.lr, saved.epochs, saved.batch_size) == ("bp", 0.01, 2, 16)
@@ -112,17 +139,37 @@ def test_fresh_run_refuses_a_used_directory_and_resume_checks_settings(tmp_path,
 
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     """Kill a run with SIGKILL while it trains, resume it: the final weights equal, bit for bit,
-    those of a run that was never interrupted (dropout, augmentation and sparse DFA included)."""
-    args = ["--epochs", "8", "--rule", "dfa", "--k", "1", "--model", "crafton-mnist-fc",
-            "--set", "model_options.dropout=0.1", "--set", "augment=true",
-            "--set", "tensorboard=false", "--quiet", "--set", "threads=1",
-            "--set", "train_samples=512"]
+    those of a run that was never interrupted (dropout, augmentation and sparse DFA included),
+    and measuring the alignment on every third step of the killed run changes nothing."""
+    args = [
+        "--epochs",
+        "8",
+        "--rule",
+        "dfa",
+        "--k",
+        "1",
+        "--model",
+        "crafton-mnist-fc",
+        "--set",
+        "model_options.dropout=0.1",
+        "--set",
+        "augment=true",
+        "--set",
+        "tensorboard=false",
+        "--quiet",
+        "--set",
+        "threads=1",
+        "--set",
+        "train_samples=512",
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert main(["train", "--out", str(reference), *args]) == 0
 
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "sdfa", "train", "--out", str(killed), *args],
-                            env=env, stderr=subprocess.PIPE)
+    command = ["train", "--out", str(killed), *args, "--log-alignment", "3"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdfa", *command], env=env, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (killed / "last.pt").exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
@@ -142,6 +189,8 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
         assert torch.equal(value, resumed[key]) if torch.is_tensor(value) else value == resumed[key]
     with open(killed / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 9))
+    with open(killed / "alignment.csv") as f:  # each measured step once: 16 steps per epoch
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 8 * 16 + 1, 3))
 
 
 class PoisonWeights(Callback):
@@ -158,9 +207,12 @@ class PoisonWeights(Callback):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small(tmp_path, epochs=4)
-    with pytest.raises(TrainingDiverged, match=r"the loss became nan at epoch 2, step \d+: "
-                                               r"training stopped; the last good checkpoint, "
-                                               r".*last\.pt, holds epoch 1"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"the loss became nan at epoch 2, step \d+: "
+        r"training stopped; the last good checkpoint, "
+        r".*last\.pt, holds epoch 1",
+    ):
         train(config, callbacks=[PoisonWeights(epoch=2)])
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["epoch"] == 1
@@ -169,8 +221,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_divergence_exit_code(tmp_path, capsys):
-    args = ["train", "--out", str(tmp_path / "run"), "--rule", "bp", "--optimizer", "sgd",
-            "--lr", "1e30", "--set", "model_options.activation=relu", *FAST]
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--rule",
+        "bp",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--set",
+        "model_options.activation=relu",
+        *FAST,
+    ]
     assert main(args) == 3
     err = capsys.readouterr().err
     assert err.startswith("sdfa train: stopped: the loss became nan") and "Traceback" not in err
@@ -191,8 +255,16 @@ def test_zero_init_follows_the_papers(tmp_path):
 
 
 def test_transfer_protocol(tmp_path):
-    config = small(tmp_path, model="crafton-mnist-conv", transfer=True, epochs=1,
-                   pretrain_epochs=1, rule="dfa", k=1, train_samples=128)
+    config = small(
+        tmp_path,
+        model="crafton-mnist-conv",
+        transfer=True,
+        epochs=1,
+        pretrain_epochs=1,
+        rule="dfa",
+        k=1,
+        train_samples=128,
+    )
     summary = train(config)
     run = tmp_path / "run"
     pretrain = json.loads((run / "pretrain" / "summary.json").read_text())
@@ -220,3 +292,16 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert Path(capsys.readouterr().out.strip()) == Path(runs[0]) / "curves.png"
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.csv not found" in capsys.readouterr().err
+
+
+def test_batch_manhattan_option_steps_with_the_sign():
+    from sdfa.config import TrainConfig
+    from sdfa.train import build_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer(
+        [w], TrainConfig(optimizer="sgd", momentum=0.0, lr=0.5, batch_manhattan=True)
+    )
+    w.grad = torch.tensor([2.0, -0.1, 0.0])
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([-0.5, 0.5, 0.0]))

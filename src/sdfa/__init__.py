@@ -11,6 +11,7 @@ from .alignment import capture_rng, measure_alignment
 from .convert import convert, feedback_matrices, rules_of
 from .costs import costs
 from .layers import backprop
+from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "Rule",
     "available_rules",
     "backprop",
+    "batch_manhattan",
     "capture_rng",
     "convert",
     "costs",

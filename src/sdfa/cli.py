@@ -13,6 +13,8 @@ TRAIN_EXAMPLES = """examples:
   sdfa train --dataset cifar10 --model crafton-cifar-conv --transfer --rule dfa --k 1
   sdfa train --config run.toml --set lr=3e-4 --set model_options.hidden=[200,200]
   sdfa train --out runs/a --resume              # continue a run that was interrupted
+  sdfa train --nproc 2 --parallel layer         # layer-parallel DFA on 2 processes
+  torchrun --nproc-per-node 4 -m sdfa train --parallel data   # or started by torchrun
   sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5 --set privacy_options.max_input_norm=8
 
 Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
@@ -47,9 +49,9 @@ def _costs(args) -> int:
 
     try:
         text = report(
-            args.model, args.rule or PAPER_RULES, input_shape=args.input_shape,
-            num_classes=args.num_classes, model_options=dict(args.model_option), seed=args.seed,
-            markdown=args.markdown,
+            args.model, args.rule or PAPER_RULES, dataset=args.dataset,
+            input_shape=args.input_shape, num_classes=args.num_classes,
+            model_options=dict(args.model_option), seed=args.seed, markdown=args.markdown,
         )
     except ValueError as err:
         print(f"sdfa costs: error: {err}", file=sys.stderr)
@@ -112,6 +114,7 @@ def config_from_args(args) -> tuple[dict, object]:
 
 def _train(args) -> int:
     from .config import FIELDS
+    from .distributed import ProcessFailure, is_main_process
     from .train import TrainingDiverged, train
 
     if args.list_keys:
@@ -131,11 +134,16 @@ def _train(args) -> int:
     except TrainingDiverged as error:
         print(f"sdfa train: stopped: {error}", file=sys.stderr)
         return 3
+    except ProcessFailure as error:  # --nproc: a process died or failed
+        print(f"sdfa train: failed: {error}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         out = values.get("out")
         hint = f": continue with 'sdfa train --out {out} --resume'" if out else ""
         print(f"sdfa train: interrupted{hint}", file=sys.stderr)
         return 130
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return 0
     rule = summary["rule"] + "".join(
         f" {key}={summary[key]}" for key in ("k", "rank") if summary[key] is not None
     )
@@ -204,8 +212,18 @@ def _add_train(commands) -> None:
     run.add_argument("--resume", action="store_true", default=False,
                      help="continue the interrupted run in --out from its last checkpoint")
     run.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train on N processes on this machine (gloo on CPU, NCCL on GPUs); "
+                     "under torchrun, leave it out")
+    run.add_argument("--parallel", metavar="MODE",
+                     help="with several processes: data (each a share of every batch, default) "
+                     "or layer (the layers split over the processes; with DFA no gradient "
+                     "travels back between them)")
     run.add_argument("--quiet", dest="progress", action="store_const", const=False,
                      help="no progress bar and no per-epoch lines")
+    run.add_argument("--log-alignment", dest="log_alignment", type=int, metavar="N",
+                     help="every N steps, measure per layer how the rule's update aligns with "
+                     "the true gradient, into RUN_DIR/alignment.csv (default 0: off)")
     run.add_argument("--list-keys", action="store_true", default=False,
                      help="list every config key with its default and exit")
     p.set_defaults(run=_train)
@@ -216,7 +234,7 @@ def _plot(args) -> int:
 
     default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png")
     try:
-        path = plot_runs(args.runs, args.output or default, title=args.title)
+        path = plot_runs(args.runs, args.output or default, title=args.title, x=args.x)
     except ValueError as error:
         print(f"sdfa plot: error: {error}", file=sys.stderr)
         return 2
@@ -252,13 +270,18 @@ def _reproduce(args) -> int:
 def _add_plot_and_reproduce(commands) -> None:
     p = commands.add_parser(
         "plot", help="draw learning curves of runs into a PNG",
-        description="Draw test accuracy and training loss per epoch of one or several runs into "
-        "one PNG. Runs with the same settings (seeds) are drawn as mean and min-max band.",
+        description="Draw test accuracy and training loss per epoch (or against the training "
+        "MACs) of one or several runs into one PNG, and, for runs trained with --log-alignment, "
+        "the angle between each layer's update and the true gradient over the steps. Runs with "
+        "the same settings (seeds) are drawn as mean and min-max band.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (sdfa train --out)")
     p.add_argument("-o", "--output", metavar="FILE.png",
                    help="output file (default RUN_DIR/curves.png for one run, else ./curves.png)")
     p.add_argument("--title", help="figure title")
+    p.add_argument("--x", choices=("epoch", "macs"), default="epoch",
+                   help="x axis of accuracy and loss: the epoch (default) or the MACs spent "
+                   "training (accuracy against compute)")
     p.set_defaults(run=_plot)
 
     r = commands.add_parser(
@@ -297,9 +320,13 @@ def _add_costs(commands) -> None:
         "bp, fa, dfa and dfa k=1, with ratios against bp. Definitions: docs/costs.md.",
     )
     costs.add_argument("--model", help="a model preset (see `sdfa models`)")
+    costs.add_argument("--dataset", metavar="NAME",
+                       help="size the preset for this data set's images and classes, as "
+                       "`sdfa train --dataset` does (the files are not needed)")
     costs.add_argument("--input-shape", type=_shape, metavar="C,H,W",
-                       help="shape of one input sample, e.g. 1,28,28 (required with --model)")
-    costs.add_argument("--num-classes", type=int, default=10, help="model outputs (default 10)")
+                       help="shape of one input sample, e.g. 1,28,28 (instead of --dataset)")
+    costs.add_argument("--num-classes", type=int,
+                       help="model outputs (default: the data set's, else 10)")
     costs.add_argument("--model-option", type=_key_value, action="append", default=[],
                        metavar="KEY=VALUE", help="option of the preset, e.g. hidden=[400]")
     costs.add_argument("--rule", action="append", metavar="SPEC",

@@ -28,6 +28,12 @@ else:  # pragma: no cover
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 FLOAT32_MAX = 3.4028234663852886e38  # optimizers apply these numbers to float32 tensors
 SCHEDULES = ("constant", "multistep", "cosine")
+PARALLEL = ("data", "layer")
+SINGLE_PROCESS_ALIGNMENT = (
+    "log_alignment needs a single process (the reference gradient runs the whole model on the "
+    "whole batch): measure the alignment in a run without nproc / torchrun, or set "
+    "log_alignment=0"
+)
 
 
 @dataclass
@@ -62,6 +68,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd
     weight_decay: float = 0.0
     eps: float = 1e-8  # adam / adamw / rmsprop
+    batch_manhattan: bool = False  # step with sign(grad) (Xiao et al. 2018), any optimizer
     lr_schedule: str = "constant"
     lr_milestones: list[int] = field(default_factory=list)  # epochs (multistep)
     lr_gamma: float = 0.1
@@ -87,12 +94,17 @@ class TrainConfig:
     eval_batch_size: int = 1000
     progress: bool = True
     tensorboard: bool = True
+    log_alignment: int = 0  # measure the alignment with the true gradient every N steps (0: off)
+    # several processes (sdfa.distributed): checkpoints keep the single-process layout
+    nproc: int = 1  # processes to start on this machine (leave 1 under torchrun)
+    parallel: str = "data"  # data: DDP; layer: the layers split over the processes
+    micro_batches: int = 4  # parallel = "layer": micro-batches in flight per batch
 
 
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset(
     {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
-     "progress", "tensorboard"}
+     "progress", "tensorboard", "nproc", "parallel", "micro_batches", "log_alignment"}
 )
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -168,7 +180,7 @@ def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError for values out of range (names are checked where they are looked up)."""
-    positive = ("epochs", "batch_size", "eval_batch_size", "lr")
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr", "nproc", "micro_batches")
     for key in positive:
         if not getattr(config, key) > 0:
             raise ValueError(f"{key} must be > 0; got {getattr(config, key)!r}")
@@ -177,13 +189,17 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and not value > 0:
             raise ValueError(f"{key} must be > 0 (or left unset); got {value!r}")
-    if config.workers < 0:
-        raise ValueError(f"workers must be >= 0; got {config.workers}")
+    for key in ("workers", "log_alignment"):
+        if getattr(config, key) < 0:
+            raise ValueError(f"{key} must be >= 0; got {getattr(config, key)}")
     for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma"):
         value = getattr(config, key)
         if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
             raise ValueError(f"{key} must be a number in [0, {FLOAT32_MAX:.3g}]; got {value!r}")
     _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("parallel", config.parallel, PARALLEL)
+    if config.log_alignment and config.nproc > 1:
+        raise ValueError(SINGLE_PROCESS_ALIGNMENT)
     _choice("lr_schedule", config.lr_schedule, SCHEDULES)
     if config.lr_schedule == "multistep" and not config.lr_milestones:
         raise ValueError(

@@ -10,8 +10,8 @@ inputs need a gradient, and prices what the engine then does, layer by layer:
   output (the input of the next trainable layer): ``delta_{l+1} W_{l+1}`` for backprop, the same
   with ``B_{l+1}`` for layer-wise rules, ``e B_l`` for DFA (dense: C N_l MACs; sparse: k N_l,
   done as a gather; low rank: C r + r N_l). The output layer's error comes from the loss (0).
-* **update**: the weight gradient ``delta x^T`` (the forward MACs again), plus any MACs a rule
-  spends to learn its feedback (weight mirror).
+* **update**: the weight gradient ``delta x^T`` (the forward MACs again). What a rule spends to
+  learn its feedback (the weight mirror's noise products) is per-step work, reported apart.
 * **data movement**: the values the neurons of the block output must read from elsewhere to get
   their error: the error values (next-layer deltas, or entries of e) and the feedback weights
   that go with them (W_{l+1}, B_{l+1} or the neuron's entries of B_l). Counted per real
@@ -43,13 +43,14 @@ class FeedbackCost:
     """How a rule's layers send the error down, and what keeping their feedback costs.
 
     ``via`` names the matrix the error travels through; ``rewrites`` means the feedback (one
-    value per weight) is recomputed or updated at every step; ``learning_passes`` are the extra
-    MACs per sample spent to learn it, in units of the layer's forward MACs.
+    value per weight) is recomputed or updated at every step; ``mirror`` means the feedback is
+    learned from noise: each step drives the layer with the rule's ``samples`` noise vectors,
+    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step.
     """
 
     via: str
     rewrites: bool = False
-    learning_passes: int = 0
+    mirror: bool = False
 
 
 # One entry per rule name in sdfa.RULES (a test checks that none is missing).
@@ -61,7 +62,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "frsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W) with fixed R
     "brsf": FeedbackCost("B", rewrites=True),  # |R| * sign(W), R redrawn every step
     "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
-    "wm": FeedbackCost("B", rewrites=True, learning_passes=2),  # y = W xi and dB = y xi^T
+    "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
 }
 
@@ -81,6 +82,7 @@ class LayerCost:
     error_values: int = 0
     weight_values: int = 0
     feedback_per_step: int = 0  # feedback values recomputed or updated each step (per step!)
+    feedback_macs_per_step: int = 0  # MACs spent learning the feedback each step (per step!)
 
     @property
     def macs(self) -> int:
@@ -164,6 +166,9 @@ class CostReport:
         if self.total.feedback_per_step:
             notes.append(f"Feedback values rewritten per step (not per sample): "
                          f"{_n(self.total.feedback_per_step)}.")
+        if self.total.feedback_macs_per_step:
+            notes.append(f"MACs spent learning the feedback per step (not per sample): "
+                         f"{_n(self.total.feedback_macs_per_step)}.")
         return _format_table(title, headers, rows, markdown, 3, notes)
 
 
@@ -297,53 +302,32 @@ def parse_rule(spec: str) -> tuple[str, dict]:
 PAPER_RULES = ("bp", "fa", "dfa", "dfa:k=1")
 
 
-def _fc(sizes: Sequence[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-def _cifar_conv(num_classes: int = 10) -> nn.Sequential:
-    """Conv 5x5 96, 128, 256 (same padding), each then 3x3/2 max pool; FC 4096-2048-2048-C."""
-    layers: list[nn.Module] = []
-    channels = 3
-    for width in (96, 128, 256):
-        layers += [nn.Conv2d(channels, width, 5, padding=2), nn.Tanh(), nn.MaxPool2d(3, 2, 1)]
-        channels = width
-    return nn.Sequential(*layers, _fc((4096, 2048, 2048, num_classes)))
-
-
-def _mnist_conv() -> nn.Sequential:
-    """Conv 3x3 32, conv 3x3 64 (same padding), 2x2 max pool; FC 12544-128-10."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 64, 3, padding=1), nn.Tanh(),
-        nn.MaxPool2d(2), _fc((12544, 128, 10)),
-    )
-
-
-# name -> (builder, input shape); built on the meta device, so even VGG's head costs nothing.
+# The architectures of Crafton et al. 2019, as the model presets of sdfa.models build them:
+# label -> (preset, shape of one input, classes). Built on the meta device: even VGG's head
+# costs nothing.
 PAPER_ARCHITECTURES = {
-    "MNIST FC 784-400-10": (lambda: _fc((784, 400, 10)), (1, 28, 28)),
-    "MNIST conv 32-64, FC 12544-128-10": (_mnist_conv, (1, 28, 28)),
-    "CIFAR-10 FC 3072-1000-1000-1000-10": (lambda: _fc((3072, 1000, 1000, 1000, 10)), (3, 32, 32)),
-    "CIFAR-10 conv 96-128-256, FC 4096-2048-2048-10": (_cifar_conv, (3, 32, 32)),
-    "ImageNet AlexNet head 9216-4096-4096-1000": (
-        lambda: _fc((9216, 4096, 4096, 1000)), (256, 6, 6)),
-    "ImageNet VGG head 25088-4096-4096-1000": (
-        lambda: _fc((25088, 4096, 4096, 1000)), (512, 7, 7)),
+    "MNIST FC 784-400-10": ("crafton-mnist-fc", (1, 28, 28), 10),
+    "MNIST conv 32-64, FC 12544-128-10": ("crafton-mnist-conv", (1, 28, 28), 10),
+    "CIFAR-10 FC 3072-1000-1000-1000-10": ("crafton-cifar-fc", (3, 32, 32), 10),
+    "CIFAR-10 conv 96-128-256, FC 4096-2048-2048-10": ("crafton-cifar-conv", (3, 32, 32), 10),
+    "ImageNet AlexNet head 9216-4096-4096-1000": ("crafton-alexnet-head", (256, 6, 6), 1000),
+    "ImageNet VGG head 25088-4096-4096-1000": ("crafton-vgg-head", (512, 7, 7), 1000),
 }
+
+
+def _meta_preset(name: str, input_shape, num_classes: int, **options) -> nn.Module:
+    """The model preset ``name`` with weights on the meta device (no memory, no computation)."""
+    from .models import build_model
+
+    with torch.device("meta"):
+        return build_model(name, tuple(input_shape), num_classes, **options)
 
 
 def paper_comparisons(rules: Sequence[str] = PAPER_RULES) -> dict[str, Comparison]:
     """The costs of the architectures of Crafton et al. 2019 under ``rules``."""
     out = {}
-    for name, (build, shape) in PAPER_ARCHITECTURES.items():
-        with torch.device("meta"):
-            model = build()
-        out[name] = compare(model, rules, shape, name=name)
+    for name, (preset, shape, classes) in PAPER_ARCHITECTURES.items():
+        out[name] = compare(_meta_preset(preset, shape, classes), rules, shape, name=name)
     return out
 
 
@@ -366,8 +350,9 @@ def report(
     model: str | None = None,
     rules: Sequence[str] = PAPER_RULES,
     *,
+    dataset: str | None = None,
     input_shape: Sequence[int] | None = None,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     model_options: Mapping[str, object] | None = None,
     seed: int = 0,
     markdown: bool = False,
@@ -375,18 +360,32 @@ def report(
     """The text of ``sdfa costs``: the paper architectures, or per-layer tables of a preset.
 
     With a preset name, prints one per-layer table per rule and, for several rules, their totals
-    side by side (ratios against the first rule).
+    side by side (ratios against the first rule). The preset is sized for ``dataset`` (as
+    ``sdfa train --dataset`` does; ``input_shape`` and ``num_classes`` override it), or for
+    ``input_shape`` and ``num_classes`` (default 10) alone.
     """
     if not rules:
         raise ValueError("give at least one rule")
     if model is None:
+        if dataset or input_shape or num_classes:
+            raise ValueError("a data set, input shape or number of classes needs a model preset")
         return paper_report(rules, markdown)
-    if input_shape is None:
-        raise ValueError("a model preset needs the shape of one input sample, e.g. 1,28,28")
-    from .models import build_model
+    if dataset is not None:
+        from . import data
 
-    with torch.device("meta"):
-        net = build_model(model, tuple(input_shape), num_classes, **(model_options or {}))
+        shape = data.input_shape(dataset)  # checks the name
+        input_shape = input_shape or shape
+        num_classes = num_classes or data.DATASETS[dataset].num_classes
+        if num_classes is None:
+            raise ValueError(
+                f"data set {dataset!r} has no fixed number of classes: give num_classes "
+                "(--num-classes N)"
+            )
+    if input_shape is None:
+        raise ValueError(
+            "a model preset needs a data set or the shape of one input sample, e.g. 1,28,28"
+        )
+    net = _meta_preset(model, input_shape, num_classes or 10, **(model_options or {}))
     reports = []
     for spec in rules:
         rule, options = parse_rule(spec)
@@ -496,7 +495,9 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict
             target.weight_values += links
             if cost.rewrites:
                 own.feedback_per_step += call.module.weight.numel()
-            own.update += cost.learning_passes * forward
+            if cost.mirror:
+                samples = call.module.rule.config["samples"]
+                own.feedback_macs_per_step += 2 * samples * call.module.weight.numel()
         previous = call.name
 
     for path, feedback in direct.items():

@@ -156,6 +156,8 @@ class DirectFeedbackAlignment:
         return entry[2]
 
     def _detach_input(self, name, module, args):
+        if backprop_enabled():  # the hooks step aside entirely (also for layer-parallel stages)
+            return None
         if self.output_ran:
             raise RuntimeError(
                 f"DFA: layer {name!r} ran after the output layer "
@@ -184,6 +186,8 @@ class DirectFeedbackAlignment:
         return self._record(name, out)
 
     def _project(self, module, args, y):
+        if backprop_enabled():
+            return None
         self.output_ran = True
         if not self.pending:
             return None

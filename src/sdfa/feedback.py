@@ -59,7 +59,9 @@ def balanced_classes(
     the neurons removes the block structure.
     """
     blocks = -(-num_neurons // num_classes)
-    perms = torch.argsort(torch.rand(blocks, num_classes, generator=gen), dim=1)
+    perms = torch.argsort(
+        torch.rand(blocks, num_classes, generator=gen, dtype=torch.float64), dim=1
+    )
     j = torch.arange(num_neurons)
     positions = (j[:, None] % num_classes) * k + torch.arange(k)[None, :]
     index = perms[j // num_classes][torch.arange(num_neurons)[:, None], positions % num_classes]

@@ -7,6 +7,9 @@ shape of W) in place of W. Passing W itself gives backprop, which the tests use 
 
 When the feedback tensor requires grad (Kolen-Pollack), it receives the same gradient as W, so an
 optimizer step moves B exactly like W.
+
+Outside autograd (``torch.no_grad()``, inference) and inside :func:`backprop`, the layers run the
+plain nn.Linear / nn.Conv2d forward: the feedback weight is not even built.
 """
 
 from __future__ import annotations
@@ -109,17 +112,31 @@ class FeedbackLayer:
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
+    # Rules that draw per-step noise (brsf, wm) keep a seeded ``noise_generator`` on the layer;
+    # its state travels in the state_dict so that a resumed run draws the same noise.
+    def get_extra_state(self):
+        gen = getattr(self, "noise_generator", None)
+        if gen is None:
+            return {}
+        return {"noise_generator": gen.get_state(), "device": str(gen.device)}
+
+    def set_extra_state(self, state):
+        if "noise_generator" in state:
+            gen = torch.Generator(state["device"])
+            gen.set_state(state["noise_generator"])
+            self.noise_generator = gen
+
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
-        if _BACKPROP.get():
+        if _BACKPROP.get() or not torch.is_grad_enabled():
             return super().forward(x)
         return _LinearFeedback.apply(x, self.weight, self.bias, self.feedback_weight())
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     def forward(self, x):
-        if _BACKPROP.get():
+        if _BACKPROP.get() or not torch.is_grad_enabled():
             return super().forward(x)
         padding = self.padding
         if self.padding_mode != "zeros":

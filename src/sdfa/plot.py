@@ -3,15 +3,23 @@
 Runs are labelled by what distinguishes them (rule, k, rank, transfer; data set and model when
 those differ too). Runs that share a label -- the seeds of one setting -- are drawn as their
 mean with a band from the lowest to the highest value, so rules compare at a glance.
+
+The top row shows test accuracy and training loss against the epoch or, with ``x="macs"``, against
+the MACs the rule spent (``cumulative_macs``: accuracy against compute). When runs logged their
+alignment (``sdfa train --log-alignment N``), a second row shows, per setting, the angle between
+each layer's update and the true gradient over the training steps (dashed: the angle between W
+and its feedback, for layer-wise rules).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -22,18 +30,36 @@ PANELS = (
     ("test_accuracy", "test accuracy (%)", 100.0, False),
     ("train_loss", "training loss", 1.0, True),
 )
+X_AXES = {  # --x: the metrics.csv column on the x axis, and its label
+    "epoch": ("epoch", "epoch"),
+    "macs": ("cumulative_macs", "training MACs (counted by sdfa costs)"),
+}
+ANGLE, FEEDBACK_ANGLE = "align/angle/", "align/feedback_angle/"
+
+Columns = dict[str, np.ndarray]
 
 
-def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
-    """The columns of RUN_DIR/metrics.csv as float arrays."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a run directory: {path.name} not found")
+def read_csv(path: Path) -> Columns:
+    """The columns of a CSV file as float arrays (empty cells are nan)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"{path} has no epoch yet")
+        raise ValueError(f"{path} has no rows yet")
     return {key: np.array([float(row[key] or "nan") for row in rows]) for key in rows[0]}
+
+
+def read_metrics(run_dir: Path) -> Columns:
+    """The columns of RUN_DIR/metrics.csv (one row per epoch)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: {path.name} not found")
+    return read_csv(path)
+
+
+def read_alignment(run_dir: Path) -> Columns | None:
+    """The columns of RUN_DIR/alignment.csv (one row per measured step), None without it."""
+    path = Path(run_dir) / "alignment.csv"
+    return read_csv(path) if path.is_file() else None
 
 
 def run_setting(run_dir: Path) -> dict:
@@ -60,42 +86,103 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
     return labels
 
 
-def plot_runs(run_dirs, out: str | Path, title: str | None = None) -> Path:
-    """Draw test accuracy and training loss per epoch of ``run_dirs`` into the PNG ``out``."""
+def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epoch") -> Path:
+    """Draw the curves of ``run_dirs`` into the PNG ``out``; ``x``: "epoch" or "macs"."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot needs at least one run directory")
-    metrics = [read_metrics(d) for d in run_dirs]
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for label, columns in zip(labels_for(run_dirs), metrics, strict=True):
-        groups[label].append(columns)
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {', '.join(X_AXES)}; got {x!r}")
+    runs = [read_metrics(d) for d in run_dirs]
+    x_key = X_AXES[x][0]
+    for run_dir, columns in zip(run_dirs, runs, strict=True):
+        if x_key not in columns:
+            raise ValueError(f"{run_dir}/metrics.csv has no {x_key} column (a run from an older "
+                             "sdfa): plot it against the epoch")
+    labels = labels_for(run_dirs)
+    metrics = _group(labels, runs)
+    alignment = _group(labels, [read_alignment(d) for d in run_dirs])
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(max(11, 4.4 * len(alignment)), 8.4 if alignment else 4.2),
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(PANELS))
-    for ax, (key, ylabel, scale, log) in zip(axes, PANELS, strict=True):
-        for label, runs in groups.items():
-            length = min(len(r[key]) for r in runs)
-            values = np.stack([r[key][:length] for r in runs]) * scale
-            epochs = runs[0]["epoch"][:length]
-            n = f" (mean of {len(runs)})" if len(runs) > 1 else ""
-            (line,) = ax.plot(epochs, values.mean(0), label=label + n, lw=1.6)
-            if len(runs) > 1:
-                low, high = values.min(0), values.max(0)
-                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if alignment:
+        top, bottom = fig.subfigures(2, 1)
+        _alignment_row(bottom, alignment)
+    else:
+        top = fig
+    _metrics_row(top, metrics, x)
     if title:
         fig.suptitle(title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _group(labels: list[str], runs: list[Columns | None]) -> dict[str, list[Columns]]:
+    """Runs by label, leaving out those without data (None)."""
+    groups: dict[str, list[Columns]] = defaultdict(list)
+    for label, columns in zip(labels, runs, strict=True):
+        if columns is not None:
+            groups[label].append(columns)
+    return dict(groups)
+
+
+def _mean_of(label: str, runs: list) -> str:
+    return label + (f" (mean of {len(runs)})" if len(runs) > 1 else "")
+
+
+def _band(ax, runs: list[Columns], x_key: str, y_key: str, scale=1.0, **style) -> None:
+    """The mean of ``y_key`` over ``runs`` against the first run's ``x_key``, with a min-max band
+    when there are several runs (seeds); runs are cut to the shortest."""
+    length = min(len(r[y_key]) for r in runs)
+    values = np.stack([r[y_key][:length] for r in runs]) * scale
+    xs = runs[0][x_key][:length]
+    (line,) = ax.plot(xs, values.mean(0), **style)
+    if len(runs) > 1:
+        ax.fill_between(xs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+
+
+def _metrics_row(fig, groups: dict[str, list[Columns]], x: str) -> None:
+    x_key, x_label = X_AXES[x]
+    axes = fig.subplots(1, len(PANELS))
+    for ax, (key, ylabel, scale, log) in zip(axes, PANELS, strict=True):
+        for label, runs in groups.items():
+            _band(ax, runs, x_key, key, scale, label=_mean_of(label, runs), lw=1.6)
+        ax.set_xlabel(x_label)
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+
+
+def _alignment_row(fig, groups: dict[str, list[Columns]]) -> None:
+    """One panel per setting: one colour per layer, from the input (dark) to the output.
+
+    Every panel has the same y axis, from 0 to at least 90 degrees (orthogonal: no better than a
+    random direction)."""
+    axes = np.atleast_1d(fig.subplots(1, len(groups)))
+    highest = max(np.nanmax(r[k], initial=0) for runs in groups.values() for r in runs
+                  for k in r if k.startswith((ANGLE, FEEDBACK_ANGLE)))
+    top = 15 * math.ceil(max(90, highest) / 15)
+    for ax, (label, runs) in zip(axes, groups.items(), strict=True):
+        layers = [key.removeprefix(ANGLE) for key in runs[0] if key.startswith(ANGLE)]
+        colors = colormaps["viridis"](np.linspace(0, 0.9, len(layers)))
+        for layer, color in zip(layers, colors, strict=True):
+            _band(ax, runs, "step", ANGLE + layer, label=layer, color=color, lw=1.3)
+            if FEEDBACK_ANGLE + layer in runs[0]:
+                _band(ax, runs, "step", FEEDBACK_ANGLE + layer, color=color, lw=1.0, ls="--")
+        ax.set_title(_mean_of(label, runs), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, top)
+        ax.yaxis.set_major_locator(MaxNLocator(6, steps=[1, 1.5, 3]))
+        ax.grid(alpha=0.3)
+        ax.legend(title="layer", fontsize=7, title_fontsize=7, ncols=1 + len(layers) // 8)
+    axes[0].set_ylabel("update vs true gradient (degrees)\ndashed: W vs feedback")
 
 
 def plot_sweep(

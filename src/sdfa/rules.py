@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import feedback as fb
-from .layers import FEEDBACK_LAYERS
+from .layers import FEEDBACK_LAYERS, backprop_enabled
 
 RULES: dict[str, type[Rule]] = {}
 
@@ -77,7 +77,7 @@ class BP(Rule):
 
 @register_rule
 class DFA(Rule):
-    """Direct feedback alignment: hidden block outputs receive ``e @ B_l`` (dense, sparse or low rank)."""
+    """Direct feedback alignment: each hidden block output receives ``e @ B_l``."""
 
     name = "dfa"
     paper = "Nokland 2016; sparse: Crafton, Parihar, Gebhardt, Raychowdhury 2019"
@@ -102,8 +102,27 @@ class LayerwiseRule(Rule):
     """Error travels layer by layer, through ``feedback(layer)`` instead of W.
 
     Subclasses implement ``setup`` (register the feedback buffers / parameters on a layer) and
-    ``feedback`` (the tensor of W's shape used for the input gradient at this step).
+    ``feedback`` (the tensor of W's shape used for the input gradient at this step); a feedback
+    tensor that requires grad receives W's gradient (Kolen-Pollack). Formulas, scales and papers:
+    ``docs/layerwise.md``.
+
+    ``scale`` (every layer-wise rule takes it) is the amplitude h of B: uniform entries lie in
+    [-h, h], sign entries are +-h. By default B gets the root-mean-square (RMS) of W, so the error
+    keeps the magnitude that backprop would give it.
     """
+
+    options = {"scale": None}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        scale = self.config["scale"]
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
+        ):
+            raise ValueError(
+                f"rule {self.name!r}: scale must be a positive number, or None for the RMS of W; "
+                f"got {scale!r}"
+            )
 
     def apply(self, model, layers, seed):
         for name, module in layers:
@@ -122,29 +141,70 @@ class LayerwiseRule(Rule):
         raise NotImplementedError
 
 
-def _fan_in(weight: torch.Tensor) -> int:
-    return weight[0].numel()
+def _rms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().square().mean().sqrt()
 
 
-def _random_like(weight: torch.Tensor, gen: torch.Generator, scale: float | None) -> torch.Tensor:
-    """U(-h, h) with PyTorch's default h = 1/sqrt(fan_in) unless ``scale`` is given."""
+def _sign_amplitude(rule: LayerwiseRule, layer: nn.Module) -> torch.Tensor | float:
+    """h of the sign rules: ``scale``, or the RMS of W at this step, so that ||B|| = ||W||."""
+    scale = rule.config["scale"]
+    return _rms(layer.weight) if scale is None else scale
+
+
+def _random_feedback(layer: nn.Module, gen: torch.Generator, scale: float | None) -> torch.Tensor:
+    """Fixed U(-h, h) of W's shape; by default h = sqrt(3) RMS(W), so B starts with W's RMS.
+
+    A layer whose weights are all zero gets PyTorch's default bound h = 1/sqrt(fan_in).
+    """
+    weight = layer.weight.detach()
     if weight.is_meta:  # a shape-only twin (sdfa.costs): there is nothing to draw
         return torch.empty_like(weight)
-    h = scale if scale is not None else 1.0 / math.sqrt(_fan_in(weight))
-    values = fb.draw(tuple(weight.shape), h, "uniform", gen)
-    return values.to(dtype=weight.dtype, device=weight.device)
+    if scale is None:
+        rms = _rms(weight).item()
+        scale = math.sqrt(3) * rms if rms > 0 else 1.0 / math.sqrt(weight[0].numel())
+    return fb.draw(tuple(weight.shape), scale, "uniform", gen).to(weight)
+
+
+def _half_normal(layer: nn.Module, gen: torch.Generator) -> torch.Tensor:
+    """|N(0, 1)| of W's shape (mean square 1): the random magnitudes of brsf and frsf."""
+    weight = layer.weight
+    if weight.is_meta:
+        return torch.empty_like(weight)
+    values = torch.randn(weight.shape, generator=gen, device=gen.device, dtype=weight.dtype)
+    return values.abs_().to(weight.device)
+
+
+def _uses_feedback(layer: nn.Module, args: tuple) -> bool:
+    """Will this forward pass send an error through B? Training mode, autograd on (not inside
+    ``backprop()``) and an input that needs a gradient (not so for the first layer)."""
+    x = args[0] if args else None
+    return (
+        layer.training
+        and torch.is_grad_enabled()
+        and not backprop_enabled()
+        and isinstance(x, torch.Tensor)
+        and x.requires_grad
+    )
+
+
+def _noise_generator(layer: nn.Module) -> torch.Generator:
+    """The layer's own seeded generator for per-step draws, on the device of its weight."""
+    gen = layer.noise_generator
+    if gen.device != layer.weight.device and not layer.weight.is_meta:
+        seed = int(torch.randint(2**62, (1,), generator=gen))
+        gen = layer.noise_generator = torch.Generator(layer.weight.device).manual_seed(seed)
+    return gen
 
 
 @register_rule
 class FA(LayerwiseRule):
-    """Feedback alignment: a fixed random B replaces W (B has W's shape; the input gradient is delta B)."""
+    """Feedback alignment: a fixed random B of W's shape replaces W (input gradient delta @ B)."""
 
     name = "fa"
     paper = "Lillicrap, Cownden, Tweed, Akerman 2016"
-    options = {"scale": None}
 
     def setup(self, layer, gen):
-        layer.register_buffer("feedback", _random_like(layer.weight, gen, self.config["scale"]))
+        layer.register_buffer("feedback", _random_feedback(layer, gen, self.config["scale"]))
 
     def feedback(self, layer):
         return layer.feedback
@@ -152,14 +212,100 @@ class FA(LayerwiseRule):
 
 @register_rule
 class USF(LayerwiseRule):
-    """Uniform sign-concordant feedback: B = scale * sign(W), one scale per layer."""
+    """Uniform sign-concordant feedback: B = h sign(W), one amplitude h per layer."""
 
     name = "usf"
-    paper = "Liao, Leibo, Poggio 2016; Moskovitz, Litwin-Kumar, Abbott 2018"
-    options = {"scale": None}
+    paper = "Liao, Leibo, Poggio 2016; Xiao, Chen, Liao, Poggio 2018"
 
     def feedback(self, layer):
-        scale = self.config["scale"]
-        if scale is None:
-            scale = 1.0 / math.sqrt(_fan_in(layer.weight))
-        return torch.sign(layer.weight.detach()) * scale
+        return torch.sign(layer.weight.detach()) * _sign_amplitude(self, layer)
+
+
+@register_rule
+class FRSF(LayerwiseRule):
+    """Fixed random-magnitude sign-concordant feedback: B = h M * sign(W), M >= 0 drawn once."""
+
+    name = "frsf"
+    paper = "Liao, Leibo, Poggio 2016"
+
+    def setup(self, layer, gen):
+        layer.register_buffer("magnitude", _half_normal(layer, gen))
+
+    def feedback(self, layer):
+        return layer.magnitude * torch.sign(layer.weight.detach()) * _sign_amplitude(self, layer)
+
+
+@register_rule
+class BRSF(FRSF):
+    """Batchwise random-magnitude sign-concordant feedback: B = h M * sign(W), new M each step.
+
+    M is redrawn before every training forward pass that sends an error down, from the layer's
+    own seeded generator.
+    """
+
+    name = "brsf"
+    paper = "Liao, Leibo, Poggio 2016"
+
+    def setup(self, layer, gen):
+        super().setup(layer, gen)
+        layer.noise_generator = gen
+        layer.register_forward_pre_hook(self.redraw)
+
+    def redraw(self, layer, args):
+        if _uses_feedback(layer, args):
+            layer.magnitude = _half_normal(layer, _noise_generator(layer))
+
+
+@register_rule
+class KP(FA):
+    """Kolen-Pollack: B starts random and receives W's gradient, so with weight decay B -> W.
+
+    B is a parameter of the layer (``feedback``): create the optimizer after ``convert`` so that
+    it steps B like W; the difference W - B then shrinks by the weight decay factor every step.
+    """
+
+    name = "kp"
+    paper = "Kolen, Pollack 1994; Akrout, Wilson, Humphreys, Lillicrap, Tweed 2019"
+
+    def setup(self, layer, gen):
+        feedback = _random_feedback(layer, gen, self.config["scale"])
+        layer.register_parameter("feedback", nn.Parameter(feedback))
+
+
+@register_rule
+class WM(FA):
+    """Weight mirror: before each training forward pass, B moves to the layer's noise response.
+
+    The layer is driven with ``samples`` input noise vectors xi ~ N(0, I) (one receptive field
+    each); its linear response y = W xi gives y^T xi / samples, an unbiased estimate of W, and
+    B <- (1 - rate) B + rate * estimate: B follows W without ever reading it.
+    """
+
+    name = "wm"
+    paper = "Akrout, Wilson, Humphreys, Lillicrap, Tweed 2019"
+    options = {"scale": None, "samples": 64, "rate": 0.1}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        samples, rate = self.config["samples"], self.config["rate"]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"rule 'wm': samples must be a positive integer; got {samples!r}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"rule 'wm': rate must be a number in (0, 1]; got {rate!r}")
+
+    def setup(self, layer, gen):
+        super().setup(layer, gen)
+        layer.noise_generator = gen
+        layer.register_forward_pre_hook(self.mirror)
+
+    def mirror(self, layer, args):
+        if not _uses_feedback(layer, args) or layer.weight.is_meta:  # meta: a shape-only twin
+            return
+        weight = layer.weight.detach().flatten(1)
+        samples, rate = self.config["samples"], self.config["rate"]
+        gen = _noise_generator(layer)
+        noise = torch.randn(samples, weight.shape[1], generator=gen, device=gen.device,
+                            dtype=weight.dtype)
+        estimate = (noise @ weight.t()).t() @ noise / samples
+        # a new tensor, not an in-place update: a pending backward pass keeps the B it used
+        layer.feedback = torch.lerp(layer.feedback, estimate.view_as(layer.feedback), rate)

@@ -3,8 +3,10 @@
 A run directory holds
 
 * ``config.toml``  the resolved configuration (``sdfa train --config RUN/config.toml`` repeats it);
-* ``metrics.csv``  one row per epoch; ``tensorboard/`` the same scalars when TensorBoard is
-  installed;
+* ``metrics.csv``  one row per epoch (losses, accuracies, time and counted MACs per step);
+  ``tensorboard/`` the same scalars when TensorBoard is installed;
+* ``alignment.csv`` with ``log_alignment=N``: the alignment of the rule's updates with the true
+  gradient, every N steps (:mod:`sdfa.alignment_log`);
 * ``last.pt``      everything needed to continue (model, optimizer, scheduler, RNG states, epoch,
   history), replaced atomically after every epoch; ``final.pt`` the model's ``state_dict`` at
   the end; ``summary.json`` the final figures;
@@ -40,10 +42,19 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from . import __version__
-from .config import TrainConfig, config_from_dict, differences, load_toml, to_toml
+from .config import (
+    SINGLE_PROCESS_ALIGNMENT,
+    TrainConfig,
+    config_from_dict,
+    differences,
+    load_toml,
+    to_toml,
+)
 from .convert import convert, rules_of
+from .costs import costs
 from .data import ImageData, load_dataset, prepare_batch
 from .models import build_model as build_preset
+from .optim import batch_manhattan
 
 CHECKPOINT_FORMAT = 1
 
@@ -65,6 +76,12 @@ class Callback:
 
     def on_train_start(self, trainer: Trainer) -> None:
         pass
+
+    def on_step_start(self, trainer: Trainer, inputs, labels) -> None:
+        """Before the forward pass (``inputs`` prepared and on the device)."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, inputs, labels, loss) -> None:
+        """After ``backward()``, before ``optimizer.step()``: the rule's update is in ``.grad``."""
 
     def on_step_end(self, trainer: Trainer, inputs, labels, loss: torch.Tensor) -> None:
         pass
@@ -140,12 +157,14 @@ def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
         raise ValueError("the model has no trainable parameter (is every part frozen?)")
     name, lr, wd = config.optimizer, config.lr, config.weight_decay
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, eps=config.eps, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+        optimizer = torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd)
+    elif name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd)
+    elif name == "rmsprop":
+        optimizer = torch.optim.RMSprop(params, lr=lr, eps=config.eps, weight_decay=wd)
+    else:
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    return batch_manhattan(optimizer) if config.batch_manhattan else optimizer
 
 
 def build_scheduler(optimizer, config: TrainConfig):
@@ -245,7 +264,12 @@ def _write_text(path: Path, text: str) -> None:
 
 class MetricsLog:
     """metrics.csv (rewritten from the full history, so a resumed run has no duplicate rows)
-    and, when TensorBoard is installed, the same scalars under ``tensorboard/``."""
+    and, when TensorBoard is installed, the same scalars under ``tensorboard/``.
+
+    TensorBoard's x axis is the training step for every scalar (an epoch's row at its last
+    step), so callbacks' per-step figures share it, and a resumed run purges exactly what the
+    killed one logged after its checkpoint.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool):
         self.csv_path = run_dir / "metrics.csv"
@@ -259,19 +283,20 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run logged after its last checkpoint.
-            self.writer = SummaryWriter(str(self.tb_dir), purge_step=len(history) + 1)
+            last_step = history[-1]["step"] if history else 0
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=last_step + 1)
 
     def epoch(self, history: list[dict]) -> None:
         self.write_csv(history)
         row = history[-1]
         for key, value in row.items():
-            if key != "epoch" and isinstance(value, (int, float)):
-                self.scalar(key, value, row["epoch"])
+            if key != "step" and isinstance(value, (int, float)):
+                self.scalar(key, value, row["step"])
         if self.writer is not None:
             self.writer.flush()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        """Log one scalar to TensorBoard (no-op without it); for callbacks' per-step figures."""
+        """Log one scalar to TensorBoard (no-op without it); ``step``: the training step."""
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
 
@@ -294,6 +319,9 @@ class MetricsLog:
 class Trainer:
     """One run: the model, its optimizer and data, and the loop over epochs."""
 
+    writes = True  # this process writes the run directory (not so on ranks other than 0)
+    loss_fn = staticmethod(F.cross_entropy)  # the training loss (mean over the batch)
+
     def __init__(
         self,
         config: TrainConfig,
@@ -315,6 +343,11 @@ class Trainer:
         self.augment_rng = torch.Generator().manual_seed(config.seed)
         self.callbacks = list(callbacks)
         self.log = MetricsLog(run_dir, config.tensorboard)
+        # The rule's counted MACs of one training step per sample (sdfa.costs), for plots of
+        # accuracy against compute.
+        report = costs(self.model, None, data.input_shape)
+        self.sample_macs = report.macs
+        self.feedback_macs = report.total.feedback_macs_per_step  # learning B (wm), per step
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.history: list[dict] = []
@@ -328,7 +361,7 @@ class Trainer:
             "global_step": self.global_step,
             "history": self.history,
             "config": dataclasses.asdict(self.config),
-            "model": self.model.state_dict(),
+            "model": self.model_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {
@@ -340,6 +373,9 @@ class Trainer:
             },
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
         }
+
+    def model_state_dict(self) -> dict:
+        return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -374,7 +410,9 @@ class Trainer:
                     cb.on_epoch_end(self, row)
                 self.history.append(row)
                 self.log.epoch(self.history)
-                save_atomic(self.state_dict(), self.run_dir / "last.pt")
+                state = self.state_dict()  # on every rank: gathering it may take all of them
+                if self.writes:
+                    save_atomic(state, self.run_dir / "last.pt")
                 self._report(row)
         finally:
             self.log.close()
@@ -392,7 +430,7 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, steps = 0.0, 0, 0, 0
         bar = tqdm(
             self.train_loader, desc=f"epoch {epoch}/{self.config.epochs}", leave=False,
             disable=not self.config.progress, dynamic_ncols=True,
@@ -403,6 +441,7 @@ class Trainer:
             loss_sum += loss * len(labels)
             correct += hits
             seen += len(labels)
+            steps += 1
             if self.global_step % 10 == 0 and seen:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
         train_seconds = time.perf_counter() - start
@@ -420,22 +459,36 @@ class Trainer:
             "test_accuracy": test_accuracy,
             "epoch_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
+            "step_seconds": train_seconds / steps,
+            # mean over the epoch's steps
+            "step_macs": (self.sample_macs * seen + self.feedback_macs * steps) // steps,
+            "cumulative_macs": self.sample_macs * seen + self.feedback_macs * steps + (
+                self.history[-1]["cumulative_macs"] if self.history else 0
+            ),
         }
+
+    def prepare(self, images, labels, *, augment: bool | None = None):
+        """(model input, labels) on the device; training batches are augmented if configured."""
+        x = prepare_batch(
+            images.to(self.device, non_blocking=True), self.data,
+            augment=self.augment if augment is None else augment, generator=self.augment_rng,
+        )
+        return x, labels.to(self.device, non_blocking=True)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """One optimization step on a batch of stored images; returns (mean loss, correct)."""
-        x = prepare_batch(
-            images.to(self.device, non_blocking=True), self.data,
-            augment=self.augment, generator=self.augment_rng,
-        )
-        y = labels.to(self.device, non_blocking=True)
+        x, y = self.prepare(images, labels)
+        for cb in self.callbacks:
+            cb.on_step_start(self, x, y)
         logits = self.model(x)
         # Poisson sampling (private runs) can draw an empty batch: its step is noise alone.
-        loss = F.cross_entropy(logits, y) if len(y) else logits.sum()
+        loss = self.loss_fn(logits, y) if len(y) else logits.sum()
         if not torch.isfinite(loss):
             raise TrainingDiverged(self._divergence_message(loss.item()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self, x, y, loss)
         self.optimizer.step()
         self.global_step += 1
         for cb in self.callbacks:
@@ -448,8 +501,7 @@ class Trainer:
         self.model.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader or self.test_loader:
-            x = prepare_batch(images.to(self.device), self.data)
-            y = labels.to(self.device)
+            x, y = self.prepare(images, labels, augment=False)
             logits = self.model(x)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
@@ -474,6 +526,8 @@ class Trainer:
             "train_loss": last["train_loss"],
             "best_test_accuracy": max(row["test_accuracy"] for row in self.history),
             "train_seconds": sum(row["epoch_seconds"] for row in self.history),
+            "step_macs": last["step_macs"],
+            "train_macs": last["cumulative_macs"],
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "train_samples": len(self.data.train),
@@ -521,7 +575,21 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         ValueError / DataError: a bad configuration or bad data (message says what to fix).
         TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
     """
-    run_dir = _run_dir(config, resume)
+    from .distributed import is_main_process
+    from .distributed import training as parallel
+
+    distributed = parallel.join()  # under torchrun, or in a process started by launch()
+    if distributed and config.log_alignment:  # under torchrun; validate() refuses nproc > 1
+        raise ValueError(SINGLE_PROCESS_ALIGNMENT)
+    if config.nproc > 1 and not distributed:  # start the processes; each runs train()
+        config = dataclasses.replace(config, out=str(_run_dir(config, resume)))
+        return parallel.launch(train, config, resume=resume, callbacks=callbacks)
+    if distributed:
+        run_dir = parallel.agree(lambda: _run_dir(config, resume))
+    else:
+        run_dir = _run_dir(config, resume)
+    trainer_class = parallel.trainer_class(config) if distributed else Trainer
+    writes = is_main_process()
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.set_flush_denormal(True)  # unstable feedback-alignment runs can crawl on subnormals
@@ -531,7 +599,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     )
     seed_everything(config.seed)
     model = build_model(config, data)  # before the run directory exists: bad settings fail here
-    if not resume:
+    if not resume and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text(run_dir / "config.toml", to_toml(dataclasses.replace(config, out=str(run_dir))))
     pretrain = None
@@ -540,23 +608,31 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         seed_everything(config.seed)
         model = build_model(config, data, features)
     frozen = [model.features] if config.transfer else []
+    if config.log_alignment:
+        from .alignment_log import AlignmentLog  # it builds on Callback, defined here
+
+        callbacks = [*callbacks, AlignmentLog(config.log_alignment)]
     if config.privacy is not None:
         from .privacy.training import PrivacyCallback
 
         callbacks = [*callbacks, PrivacyCallback(config)]
-    trainer = Trainer(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
+    trainer = trainer_class(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
         trainer.load_state_dict(state)
-    if config.progress:
+    if config.progress and writes:
         sizes = f"{len(data.train)} training / {len(data.test)} test samples"
         print(f"run directory: {run_dir}  ({sizes})")
     summary = trainer.fit()
     if pretrain is not None:
         summary["pretrain"] = pretrain
-    save_atomic(trainer.model.state_dict(), run_dir / "final.pt")
-    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    final = trainer.model_state_dict()
+    if writes:
+        save_atomic(final, run_dir / "final.pt")
+        _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if distributed:  # the other ranks may read these files next (transfer protocol)
+        parallel.barrier("writing the run directory")
     return summary
 
 
@@ -624,7 +700,7 @@ def _pretrain(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[dict, d
     pre_config = dataclasses.replace(
         config, transfer=False, rule="bp", k=None, rank=None, rule_options={}, zero_init=None,
         epochs=config.pretrain_epochs or config.epochs, lr=config.pretrain_lr or config.lr,
-        out=str(pre_dir),
+        out=str(pre_dir), log_alignment=0,  # BP's updates are the gradient: nothing to measure
     )
     summary_path = pre_dir / "summary.json"
     if summary_path.exists():

@@ -24,6 +24,7 @@ __all__ = [
     "available_datasets",
     "data_root",
     "dataset_dir",
+    "input_shape",
     "is_present",
     "load_dataset",
     "missing_message",
@@ -57,6 +58,7 @@ class DatasetSpec:
     files: tuple[RemoteFile, ...] = ()
     augment: bool = False
     note: str = ""
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) as stored; None: image folders
 
 
 # Official MD5 sums as published with the files (and used by torchvision).
@@ -64,7 +66,8 @@ DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            "digits", "scikit-learn's 8x8 handwritten digits (embedded, 1437/360)", "digits", 10
+            "digits", "scikit-learn's 8x8 handwritten digits (embedded, 1437/360)", "digits", 10,
+            image_shape=(1, 8, 8),
         ),
         DatasetSpec(
             "mnist",
@@ -80,6 +83,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
                 },
             ),
+            image_shape=(1, 28, 28),
         ),
         DatasetSpec(
             "fashion-mnist",
@@ -95,6 +99,7 @@ DATASETS: dict[str, DatasetSpec] = {
                     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
                 },
             ),
+            image_shape=(1, 28, 28),
         ),
         DatasetSpec(
             "cifar10",
@@ -109,6 +114,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 ),
             ),
             augment=True,
+            image_shape=(3, 32, 32),
         ),
         DatasetSpec(
             "cifar100",
@@ -123,6 +129,7 @@ DATASETS: dict[str, DatasetSpec] = {
                 ),
             ),
             augment=True,
+            image_shape=(3, 32, 32),
         ),
         DatasetSpec(
             "folder",
@@ -146,6 +153,14 @@ def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
     return DATASETS[name]
+
+
+def input_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+    """The shape of one sample of ``name`` as the model sees it (``load_dataset(...)
+    .input_shape``), known without the files: for sizing models and pricing them (sdfa costs)."""
+    channels, *size = _spec(name).image_shape or (3, DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
+    height, width = (image_size, image_size) if image_size else size
+    return channels, height, width
 
 
 def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Named model presets: ``build_model("crafton-mnist-fc", input_shape=(1, 28, 28), num_classes=10)``.
+"""Named model presets: ``build_model("resnet20", input_shape=(3, 32, 32), num_classes=10)``.
 
 Each preset is a plain function registered with :func:`register_model` that returns an ordinary
 ``nn.Module`` (plain torch, no torchvision), ready for ``sdfa.convert``.
@@ -28,10 +28,12 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
-    """Build the preset ``name`` for inputs of ``input_shape`` (without batch) and ``num_classes``."""
+    """Build the preset ``name`` for inputs of ``input_shape`` (no batch) and ``num_classes``."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
+        raise ValueError(
+            f"unknown model {name!r}; available models: {', '.join(available_models())}"
+        )
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
 
 
-from . import crafton, mlp  # noqa: E402,F401  (registers the presets)
+from . import alexnet, crafton, lenet, mlp, resnet  # noqa: E402,F401  (registers the presets)

@@ -11,10 +11,12 @@ from . import register_model
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
-def mlp(input_shape, num_classes, hidden=(100, 100), activation="tanh", dropout=0.0) -> nn.Sequential:
+def mlp(input_shape, num_classes, hidden=(100, 100), activation="tanh", dropout=0.0):
     """Flatten, then ``hidden`` Linear+activation(+dropout) blocks, then a Linear output layer."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+        )
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for size in hidden:

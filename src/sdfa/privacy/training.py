@@ -30,6 +30,12 @@ def check_config(config) -> None:
     if config.transfer:
         raise ValueError("the transfer protocol pretrains on the same data without privacy: "
                          "it cannot be combined with privacy")
+    if config.nproc > 1:
+        raise ValueError("private training runs in one process (each process would add its "
+                         "own noise): leave nproc at 1")
+    if config.log_alignment:
+        raise ValueError("log_alignment measures true gradients on the private data and logs "
+                         "them without noise: it cannot be combined with privacy")
     if config.epsilon is None and config.noise_multiplier is None:
         raise ValueError(f"privacy {method!r} needs epsilon (a target) or noise_multiplier")
     _check_budget(1.0 if config.epsilon is None else config.epsilon, config.delta)
@@ -55,6 +61,9 @@ class PrivacyCallback(Callback):
 
     def on_train_start(self, trainer) -> None:
         c = self.config
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError("private training runs in one process (each process would add "
+                             "its own noise): run it without torchrun")
         # Poisson sampling draws from the loader's generator: seed it with the run.
         loader = trainer.train_loader
         if loader.generator is not None:

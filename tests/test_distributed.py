@@ -1,0 +1,459 @@
+"""sdfa.distributed: real processes on gloo (127.0.0.1) against single-process training.
+
+The multi-process jobs run once per module (starting processes is the slow part) and save what
+every rank saw; the tests compare that with single-process runs computed here, in float64.
+"""
+
+import json
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import sdfa
+import sdfa.train
+from sdfa.cli import main
+from sdfa.config import config_from_dict
+from sdfa.distributed import (
+    Comm,
+    LayerParallel,
+    PeerFailure,
+    ProcessFailure,
+    balanced,
+    block_sizes,
+    blocks_of,
+    data_parallel,
+    launched,
+    pipeline_traffic,
+    setup,
+    spawn,
+    stage_boundaries,
+)
+
+SEED, STEPS, BATCH, LR = 3, 3, 10, 0.01
+F64 = 8  # bytes per value
+
+
+F64_LAYER = {"dtype": torch.float64}
+
+
+def mlp():
+    torch.manual_seed(0)
+    a, b, c = (nn.Linear(i, o, **F64_LAYER) for i, o in ((6, 9), (9, 7), (7, 4)))
+    return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), c)
+
+
+def conv_net():
+    """Nested like the Crafton presets; the conv block's output has 3 x 2 x 2 = 12 values."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 3, 3, **F64_LAYER), nn.ReLU(), nn.MaxPool2d(2))
+    classifier = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 5, **F64_LAYER), nn.Tanh(), nn.Linear(5, 4, **F64_LAYER)
+    )
+    return nn.Sequential(OrderedDict(features=features, classifier=classifier))
+
+
+MODELS = {"mlp": (mlp, (6,)), "conv": (conv_net, (1, 6, 6))}
+
+# name: model, rule, options, blocks per rank, micro-batches, values per sample at the boundary
+PIPELINES = {
+    "dfa-dense": ("mlp", "dfa", {}, None, 3, 7),
+    "dfa-sparse-k1": ("conv", "dfa", {"k": 1}, [1, 2], 2, 12),
+    "bp": ("mlp", "bp", {}, None, 3, 7),
+    "fa": ("conv", "fa", {}, [1, 2], 2, 12),
+    # transfer protocol: rank 0 holds only the frozen features
+    "dfa-frozen-features": ("conv", {"features": "frozen", "classifier": "dfa"}, {}, [1, 2], 2, 12),
+}
+DATA_PARALLEL = {"dfa": ("dfa", {}), "dfa-k1": ("dfa", {"k": 1}), "fa": ("fa", {})}
+
+
+def batches(model_name, steps=STEPS):
+    gen = torch.Generator().manual_seed(1)
+    shape = MODELS[model_name][1]
+    return [
+        (torch.randn(BATCH, *shape, generator=gen, dtype=torch.float64),
+         torch.randint(0, 4, (BATCH,), generator=gen))
+        for _ in range(steps)
+    ]
+
+
+def single_process(model_name, rule, options, steps=STEPS, optimizer=torch.optim.Adam, lr=LR):
+    model = sdfa.convert(MODELS[model_name][0](), rule, seed=SEED, **options)
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for x, y in batches(model_name)[:steps]:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def layer_parallel(name, **overrides):
+    model_name, rule, options, balance, micro, _ = PIPELINES[name]
+    data = batches(model_name)
+    kwargs = {"micro_batches": micro, "balance": balance, **overrides}
+    example = data[0][0][:1]
+    if isinstance(rule, str):  # LayerParallel converts it
+        model = MODELS[model_name][0]()
+        stage = LayerParallel(model, rule, example_input=example, seed=SEED, **options, **kwargs)
+    else:
+        model = sdfa.convert(MODELS[model_name][0](), rule, seed=SEED, **options)
+        stage = LayerParallel(model, example_input=example, **kwargs)
+    return stage, data
+
+
+def optimizer_of(stage):
+    params = list(stage.parameters())
+    return torch.optim.Adam(params, lr=LR) if params else None
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_of_a_fresh_process():
+    """The spawned processes start with torch's default dtype, so the references computed here
+    must too (another test module may have changed it): Adam's step counter and sparse feedback
+    draws follow it."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(saved)
+
+
+# -- the jobs (run in every spawned process) ------------------------------------------------------
+
+
+def _pipelines_job(out_dir):
+    torch.set_num_threads(1)
+    rank, results = dist.get_rank(), {}
+    for name in PIPELINES:
+        stage, data = layer_parallel(name)
+        opt = optimizer_of(stage)
+        received, losses = [], []
+        for x, y in data:
+            stage.comm.reset()
+            losses.append(stage.forward_backward(x, y))
+            received.append(dict(stage.comm.received))
+            if opt:
+                opt.step()
+                opt.zero_grad()
+        results[name] = {
+            "received": received,
+            "losses": losses,
+            "state": stage.state_dict(),
+            "optimizer": stage.optimizer_state_dict(opt),
+            "output": stage.eval().predict(data[0][0]),
+        }
+
+    # Resume: a single-process checkpoint after STEPS - 1 steps, continued layer-parallel.
+    model, opt, _ = single_process("mlp", "dfa", {"k": 1}, steps=STEPS - 1)
+    stage, data = layer_parallel("dfa-dense", k=1)
+    stage_opt = torch.optim.Adam(stage.parameters(), lr=LR)
+    stage.load_state_dict(model.state_dict())
+    stage.load_optimizer_state_dict(stage_opt, opt.state_dict())
+    stage_opt.zero_grad()
+    stage.forward_backward(*data[-1])
+    stage_opt.step()
+    results["resumed"] = stage.state_dict()
+
+    for name, (rule, options) in DATA_PARALLEL.items():
+        model = data_parallel(sdfa.convert(mlp(), rule, seed=SEED, **options))
+        opt = torch.optim.SGD(model.parameters(), lr=LR * 10)
+        for x, y in batches("mlp"):
+            opt.zero_grad()
+            F.cross_entropy(model(x[rank::2]), y[rank::2]).backward()  # half the global batch
+            opt.step()
+        results[f"ddp-{name}"] = model.module.state_dict()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _fault_job(mode, out_dir):
+    torch.set_num_threads(1)
+    stage, data = layer_parallel("dfa-dense")
+    opt = torch.optim.Adam(stage.parameters(), lr=LR)
+    for step, (x, y) in enumerate(data * 2):
+        if step == 2 and stage.rank == 1:
+            if mode == "dies":
+                os._exit(7)
+            time.sleep(120)  # stuck
+        start = time.monotonic()
+        try:
+            stage.forward_backward(x, y)
+        except PeerFailure:
+            (Path(out_dir) / "waited").write_text(str(time.monotonic() - start))
+            raise
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    spawn(_pipelines_job, 2, (str(out),), backend="gloo", timeout=60)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def assert_same_state(state, reference):
+    assert list(state) == list(reference)
+    for key, value in reference.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
+        else:  # e.g. the sparse feedback's extra state
+            assert state[key] == value, key
+
+
+# -- layer parallel ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_layer_parallel_ends_with_single_process_weights(ranks, name):
+    model_name, rule, options, *_ = PIPELINES[name]
+    model, opt, losses = single_process(model_name, rule, options)
+    result = ranks[0][name]
+    assert_same_state(result["state"], model.state_dict())
+    reference = opt.state_dict()
+    assert result["optimizer"]["param_groups"] == reference["param_groups"]
+    assert sorted(result["optimizer"]["state"]) == sorted(reference["state"])
+    for i, moments in reference["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(result["optimizer"]["state"][i][key], value)
+    # the loss and the output are known on the last rank only
+    assert ranks[0][name]["losses"] == [None] * STEPS
+    assert ranks[1][name]["losses"] == pytest.approx(losses, rel=1e-12)
+    assert ranks[0][name]["output"] is None
+    with torch.no_grad():
+        expected = model.eval()(batches(model_name)[0][0])
+    torch.testing.assert_close(ranks[1][name]["output"], expected)
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_bytes_per_step_match_the_analytic_count(ranks, name):
+    _, rule, _, _, _, boundary = PIPELINES[name]
+    dfa = "dfa" in str(rule)
+    activations = BATCH * boundary * F64  # one boundary, forward
+    if dfa:  # the output error (C = 4 values per sample) goes back once, to rank 0
+        expected = [{"error": BATCH * 4 * F64}, {"activations": activations}]
+    else:  # backprop-style: the boundary's gradient travels back
+        expected = [{"gradients": activations}, {"activations": activations}]
+    for rank in range(2):
+        assert ranks[rank][name]["received"] == [expected[rank]] * STEPS
+    traffic = pipeline_traffic([boundary], 4, BATCH, bytes_per_value=F64)
+    assert sum(expected[0].values()) + sum(expected[1].values()) == (
+        traffic.dfa if dfa else traffic.bp
+    )
+
+
+def test_resume_from_a_single_process_checkpoint(ranks):
+    model, _, _ = single_process("mlp", "dfa", {"k": 1})
+    assert_same_state(ranks[0]["resumed"], model.state_dict())
+    assert ranks[1]["resumed"] is None  # gathered on rank 0
+
+
+# -- data parallel -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(DATA_PARALLEL))
+def test_data_parallel_equals_one_process_on_the_global_batch(ranks, name):
+    rule, options = DATA_PARALLEL[name]
+    model, _, _ = single_process("mlp", rule, options, optimizer=torch.optim.SGD, lr=LR * 10)
+    for rank in range(2):
+        assert_same_state(ranks[rank][f"ddp-{name}"], model.state_dict())
+    assert not torch.equal(model[0].weight, mlp()[0].weight)  # it did train
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, exit_message", [
+    ("dies", "rank 1: exited with code 7"),
+    ("hangs", "rank 1: killed by signal SIGKILL"),
+])
+def test_a_lost_peer_stops_the_others_with_a_clear_error(tmp_path, mode, exit_message):
+    timeout = 3.0
+    with pytest.raises(RuntimeError) as failure:
+        spawn(_fault_job, 2, (mode, str(tmp_path)), backend="gloo", timeout=timeout)
+    message = str(failure.value)
+    assert "2 of 2 processes failed" in message
+    assert exit_message in message
+    assert "rank 0: PeerFailure: rank 0 of 2:" in message
+    assert "resume from the last checkpoint" in message
+    waited = float((tmp_path / "waited").read_text())
+    assert waited < timeout + 2.0
+
+
+# -- one process: errors, splitting, traffic model -----------------------------------------------
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_trains_a_converted_model_like_single_process(world_of_one):
+    model = sdfa.convert(conv_net(), "dfa", seed=SEED, k=1)
+    data = batches("conv")
+    stage = LayerParallel(model, example_input=data[0][0][:1], micro_batches=3)
+    opt = torch.optim.Adam(stage.parameters(), lr=LR)
+    for x, y in data:
+        opt.zero_grad()
+        stage.forward_backward(x, y)
+        opt.step()
+    model, _, _ = single_process("conv", "dfa", {"k": 1})
+    assert_same_state(stage.state_dict(), model.state_dict())
+    assert stage.comm.received == {}
+
+
+@pytest.mark.parametrize("model, kwargs, message", [
+    (nn.Linear(6, 4), {}, "splits an nn.Sequential"),
+    (nn.Sequential(Wrapper()), {}, "holds trainable layer"),
+    (nn.Sequential(nn.Linear(6, 4), nn.Softmax(1)), {}, "last module of the model"),
+    (nn.Sequential(nn.Tanh()), {"rule": "bp"}, "no trainable"),
+    (mlp(), {"balance": [1, 1]}, "balance must give"),
+    (mlp(), {"micro_batches": 0}, "micro_batches must be"),
+    (mlp(), {"output": "2"}, "do not apply"),
+    (mlp(), {"rule": {"": "dfa"}}, "one rule name"),
+    (mlp(), {"rule": None}, "pass rule="),
+    (mlp(), {"rule": None, "k": 1}, "options k are for converting"),
+    (sdfa.convert(mlp(), {"0": "bp", "": "dfa"}), {"rule": None}, "mixes bp, dfa"),
+    (sdfa.convert(mlp(), "dfa", boundaries=["1", "3"]), {"rule": None}, "does not feed the block"),
+    (sdfa.convert(mlp(), "dfa"), {}, "already converted"),
+    (mlp(), {"k": 9}, "k must be an integer"),
+])
+def test_unsupported_input_is_a_value_error(world_of_one, model, kwargs, message):
+    kwargs = {"rule": "dfa", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        example = torch.zeros(1, 6, dtype=torch.float64)
+        LayerParallel(model.double(), kwargs.pop("rule"), example_input=example, **kwargs)
+
+
+def test_guard_names_the_failed_call_and_lets_model_errors_through(world_of_one):
+    comm = Comm()
+    with pytest.raises(PeerFailure, match=r"rank 0 of 1: the step failed \(.*Connection reset"):
+        with comm.guard("the step"):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Connection reset by peer")
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes") as failure:
+        with comm.guard("the step", only_backend_errors=True):
+            torch.zeros(2, 3) @ torch.zeros(2, 3)
+    assert not isinstance(failure.value, PeerFailure)
+
+
+def test_blocks_start_at_trainable_layers():
+    blocks = blocks_of(conv_net())
+    assert [b.units for b in blocks] == [
+        ["features.0", "features.1", "features.2", "classifier.0"],
+        ["classifier.1", "classifier.2"],
+        ["classifier.3"],
+    ]
+    assert [b.layer for b in blocks] == ["features.0", "classifier.1", "classifier.3"]
+    assert [b.layer for b in blocks_of(mlp())] == ["0", "2", "4"]
+
+
+def test_balanced_split():
+    assert balanced(7, 3) == [3, 2, 2]
+    assert balanced(3, 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least one block per rank"):
+        balanced(2, 3)
+
+
+def test_traffic_model_by_hand():
+    # 3 stages, boundaries of 100 and 50 values, C = 10, batch 8, float32
+    t = pipeline_traffic([100, 50], 10, 8)
+    assert t.forward == 8 * 150 * 4
+    assert t.bp == 2 * 8 * 150 * 4
+    assert t.dfa == 8 * 150 * 4 + 2 * 8 * 10 * 4
+    assert (t.stages, t.dfa_rounds, t.bp_rounds) == (3, 2, 2)
+    assert pipeline_traffic([7] * 63, 10, 1).dfa_rounds == 6
+
+
+def test_stage_boundaries_from_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(8 * 16 * 16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+        )
+        sizes = block_sizes(model, torch.empty(1, 3, 32, 32))
+    assert sizes == [2048, 64, 32, 10]
+    assert stage_boundaries(sizes, 2) == [64]
+    assert stage_boundaries(sizes, 3) == [64, 32]
+    assert stage_boundaries(sizes, 512) == [2048, 64, 32]  # never more stages than blocks
+
+
+def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched()
+    with pytest.raises(RuntimeError, match="torchrun"):
+        setup()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        Comm()
+    with pytest.raises(ValueError, match="nproc"):
+        spawn(print, 0)
+
+
+# -- the training tool: sdfa train --nproc 2 ------------------------------------------------------
+
+RUN = {"epochs": 2, "train_samples": 256, "threads": 1, "progress": False, "tensorboard": False}
+
+
+class DiesOnRank1(sdfa.train.Callback):
+    """Kills rank 1 in the middle of the second epoch (after the first checkpoint)."""
+
+    def on_step_end(self, trainer, inputs, labels, loss):
+        if trainer.comm.rank == 1 and trainer.global_step == 11:
+            os._exit(9)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    sdfa.train.train(config_from_dict({**RUN, "out": str(out)}))
+    return out
+
+
+def assert_same_run(run, reference):
+    final, expected = (torch.load(d / "final.pt") for d in (run, reference))
+    assert list(final) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    summary, expected = (json.loads((d / "summary.json").read_text()) for d in (run, reference))
+    assert set(summary) == set(expected)
+    for key in ("test_accuracy", "test_loss", "train_loss", "train_accuracy", "epochs"):
+        assert summary[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_cli_data_parallel_run_equals_the_single_process_run(tmp_path, single_run):
+    out = tmp_path / "run"
+    args = ["--nproc", "2", "--parallel", "data", "--epochs", "2", "--quiet", "--out", str(out),
+            "--set", "train_samples=256", "--set", "threads=1", "--set", "tensorboard=false"]
+    assert main(["train", *args]) == 0
+    assert_same_run(out, single_run)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single_run.iterdir())
+
+
+def test_layer_parallel_run_stops_when_a_rank_dies_and_resumes(tmp_path, single_run):
+    config = config_from_dict({**RUN, "out": str(tmp_path / "run"), "nproc": 2,
+                               "parallel": "layer", "micro_batches": 3})
+    with pytest.raises(ProcessFailure) as failure:
+        sdfa.train.train(config, callbacks=[DiesOnRank1()])
+    message = str(failure.value)
+    assert "rank 1: exited with code 9" in message and "rank 0: PeerFailure" in message
+    assert f"sdfa train --out {config.out} --resume" in message
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    sdfa.train.train(config, resume=True)
+    assert_same_run(tmp_path / "run", single_run)
