@@ -15,6 +15,7 @@ TRAIN_EXAMPLES = """examples:
   sdfa train --out runs/a --resume              # continue a run that was interrupted
   sdfa train --nproc 2 --parallel layer         # layer-parallel DFA on 2 processes
   torchrun --nproc-per-node 4 -m sdfa train --parallel data   # or started by torchrun
+  sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5 --set privacy_options.max_input_norm=8
 
 Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
 (--config) or with --set KEY=VALUE; flags override the file and --set overrides both.
@@ -151,6 +152,9 @@ def _train(args) -> int:
         f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f} "
         f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)"
     )
+    if "privacy" in summary:
+        print(f"{summary['privacy']}: epsilon {summary['epsilon']:.3f} at delta "
+              f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3f})")
     print(f"run directory: {summary['run_dir']}")
     return 0
 
@@ -193,6 +197,12 @@ def _add_train(commands) -> None:
     opt.add_argument("--epochs", type=int, help="number of epochs (default 30)")
     opt.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 32)")
     opt.add_argument("--seed", type=int, help="seeds weights, feedback and data order (default 0)")
+    private = p.add_argument_group("differential privacy (needs Opacus; docs/privacy.md)")
+    private.add_argument("--privacy", metavar="METHOD",
+                         help="dp-sgd (with --rule bp), dp-dfa or dp-noisy-projection (--rule dfa)")
+    private.add_argument("--epsilon", type=float,
+                         help="privacy budget: the noise is set to spend it in --epochs")
+    private.add_argument("--delta", type=float, help="privacy budget's delta (default 1e-5)")
     run = p.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="run directory (default runs/<name>-<time>)")
     run.add_argument("--config", metavar="FILE.toml", default=None,
@@ -281,7 +291,8 @@ def _add_plot_and_reproduce(commands) -> None:
         "resumed, so running the command again completes a set. Experiments whose data is "
         "absent are listed with the files to download and where to put them.",
     )
-    r.add_argument("name", nargs="?", help="crafton2019, moskovitz2018 or biotorch-benchmark")
+    r.add_argument("name", nargs="?",
+                   help="crafton2019, moskovitz2018, biotorch-benchmark or lee2020")
     r.add_argument("--list", action="store_true", help="list the experiment sets")
     r.add_argument("--quick", action="store_true",
                    help="a reduced version (few epochs, data subsets) that runs in minutes")
