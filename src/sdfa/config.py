@@ -79,6 +79,13 @@ class TrainConfig:
     transfer: bool = False
     pretrain_epochs: int | None = None  # default: epochs
     pretrain_lr: float | None = None  # default: lr
+    # differential privacy (sdfa.privacy, needs Opacus; see docs/privacy.md)
+    privacy: str | None = None  # dp-sgd (rule bp), dp-dfa or dp-noisy-projection (rule dfa)
+    epsilon: float | None = None  # target; without noise_multiplier, the noise that spends it
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+    privacy_options: dict = field(default_factory=dict)  # e.g. max_input_norm = 8.0
     # how to run (may change when a run is resumed)
     out: str | None = None
     device: str = "auto"
@@ -200,6 +207,12 @@ def validate(config: TrainConfig) -> None:
         )
     if config.device not in ("auto", "cpu") and not config.device.startswith(("cuda", "mps")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {config.device!r}")
+    if config.privacy is not None:
+        from .privacy.training import check_config  # imports Opacus: only for private runs
+
+        check_config(config)
+    elif config.epsilon is not None or config.noise_multiplier is not None:
+        raise ValueError("epsilon / noise_multiplier need a privacy method, e.g. --privacy dp-dfa")
 
 
 def _choice(key, value, choices):

@@ -29,6 +29,16 @@ from . import feedback as fb
 from .layers import backprop_enabled
 
 FEEDBACK_ATTR = "dfa_feedback"
+_CONFIG_ATTR = "_sdfa_dfa"
+
+
+def dfa_config(model: nn.Module) -> DirectFeedbackAlignment | None:
+    """The DFA set-up that ``convert`` installed on ``model`` (None if it has none).
+
+    For code that builds on DFA's structure (e.g. :mod:`sdfa.privacy`): ``output_name``, the
+    chain of block outputs ``producer`` and ``boundaries``.
+    """
+    return getattr(model, _CONFIG_ATTR, None)
 
 
 class _DirectFeedback(Function):
@@ -42,7 +52,7 @@ class _DirectFeedback(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        e = grad.reshape(grad.shape[0], -1)
+        e = grad.flatten(1)
         hidden = [f.project(e).reshape(shape) for f, shape in zip(ctx.feedbacks, ctx.shapes)]
         return (None, grad, *hidden)
 
@@ -68,6 +78,7 @@ class DirectFeedbackAlignment:
             raise ValueError("rule 'dfa' found no trainable nn.Linear / nn.Conv2d layer to train")
         self.seed = seed
         self.options = {"k": k, "rank": rank, "init": init, "scale": scale}
+        self.boundaries = boundaries
         self.modules = dict(model.named_modules())
         names = [name for name, _ in layers]
         self.output_name = output if output is not None else names[-1]
@@ -81,6 +92,7 @@ class DirectFeedbackAlignment:
         fb.check_options(num_classes, k, rank, init)
         self.pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
         self.output_ran = False
+        setattr(model, _CONFIG_ATTR, self)
 
         model.register_forward_pre_hook(self._start)
         model.register_forward_hook(self._finish)
@@ -181,7 +193,7 @@ class DirectFeedbackAlignment:
             return None
         entries = list(self.pending.values())
         self.pending.clear()
-        num_classes = y[0].numel()
+        num_classes = y.shape[1:].numel()  # not y[0]: Poisson sampling makes empty batches
         labels = [label for label, _, _ in entries]
         if len(set(labels)) < len(labels):
             raise RuntimeError(
@@ -195,7 +207,7 @@ class DirectFeedbackAlignment:
 
     def _feedback(self, label: str, h: torch.Tensor, num_classes: int) -> fb.DirectFeedback:
         owner = self.modules[label]
-        num_neurons = h[0].numel()
+        num_neurons = h.shape[1:].numel()
         feedback = getattr(owner, FEEDBACK_ATTR, None)
         if feedback is None:
             feedback = fb.make_feedback(

@@ -65,7 +65,7 @@ def read_alignment(run_dir: Path) -> Columns | None:
 def run_setting(run_dir: Path) -> dict:
     """The settings that name a run: rule, k, rank, transfer, dataset, model."""
     config = load_toml(Path(run_dir) / "config.toml")
-    keys = ("rule", "k", "rank", "transfer", "dataset", "model")
+    keys = ("rule", "k", "rank", "transfer", "dataset", "model", "privacy", "epsilon")
     return {key: config.get(key) for key in keys}
 
 
@@ -80,6 +80,8 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
         parts.append(s["rule"].upper() + options)
         if s["transfer"]:
             parts.append("(transfer)")
+        if s["privacy"]:
+            parts.append(s["privacy"] + (f" epsilon={s['epsilon']:g}" if s["epsilon"] else ""))
         labels.append(" ".join(parts))
     return labels
 
@@ -181,3 +183,40 @@ def _alignment_row(fig, groups: dict[str, list[Columns]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(title="layer", fontsize=7, title_fontsize=7, ncols=1 + len(layers) // 8)
     axes[0].set_ylabel("update vs true gradient (degrees)\ndashed: W vs feedback")
+
+
+def plot_sweep(
+    series: dict[str, dict[float, list[float]]],
+    references: dict[str, list[float]],
+    out: str | Path,
+    *,
+    x_label: str,
+    y_label: str = "test accuracy (%)",
+    title: str | None = None,
+) -> Path:
+    """A metric against a swept setting (log2 x axis): one line per series, mean with error
+    bars of one standard deviation over seeds; ``references`` (runs without the setting, e.g.
+    non-private ones) as horizontal lines at their mean."""
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    xs = sorted({x for points in series.values() for x in points})
+    for name, points in series.items():
+        keys = sorted(points)
+        means = [np.mean(points[x]) for x in keys]
+        spread = [np.std(points[x], ddof=1) if len(points[x]) > 1 else 0.0 for x in keys]
+        ax.errorbar(keys, means, yerr=spread, marker="o", capsize=3, label=name)
+    for (name, values), style in zip(references.items(), ("--", ":", "-.") * 3):
+        ax.axhline(np.mean(values), color="gray", linestyle=style, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out

@@ -442,7 +442,7 @@ class Trainer:
             correct += hits
             seen += len(labels)
             steps += 1
-            if self.global_step % 10 == 0:
+            if self.global_step % 10 == 0 and seen:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
         train_seconds = time.perf_counter() - start
         bar.close()
@@ -453,8 +453,8 @@ class Trainer:
             "epoch": epoch,
             "step": self.global_step,
             "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            "train_loss": loss_sum / max(seen, 1),  # Poisson sampling: batches may be empty
+            "train_accuracy": correct / max(seen, 1),
             "test_loss": test_loss,
             "test_accuracy": test_accuracy,
             "epoch_seconds": train_seconds,
@@ -481,7 +481,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_step_start(self, x, y)
         logits = self.model(x)
-        loss = self.loss_fn(logits, y)
+        # Poisson sampling (private runs) can draw an empty batch: its step is noise alone.
+        loss = self.loss_fn(logits, y) if len(y) else logits.sum()
         if not torch.isfinite(loss):
             raise TrainingDiverged(self._divergence_message(loss.item()))
         self.optimizer.zero_grad(set_to_none=True)
@@ -611,6 +612,10 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
         from .alignment_log import AlignmentLog  # it builds on Callback, defined here
 
         callbacks = [*callbacks, AlignmentLog(config.log_alignment)]
+    if config.privacy is not None:
+        from .privacy.training import PrivacyCallback
+
+        callbacks = [*callbacks, PrivacyCallback(config)]
     trainer = trainer_class(config, data, model, run_dir, callbacks=callbacks, frozen=frozen)
     checkpoint = run_dir / "last.pt"
     if resume and checkpoint.exists():
