@@ -24,7 +24,6 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 INITS = ("uniform", "gaussian", "sign")
@@ -110,12 +109,13 @@ class SparseFeedback(DirectFeedback):
         self.register_buffer("value", value)
 
     def project(self, e):
-        # Rows of e^T are gathered and weighted: (N, batch), then transposed back.
-        if self.index.shape[1] == 1:
-            out = e.t().index_select(0, self.index[:, 0]) * self.value
-        else:
-            out = F.embedding_bag(self.index, e.t(), per_sample_weights=self.value, mode="sum")
-        return out.t()
+        # One gather of e's columns per connection, weighted and summed in place. The result
+        # keeps the contiguous (batch, N) layout of the block output: a transposed one made
+        # every elementwise op and matmul after it slower than the dense product.
+        out = e.index_select(1, self.index[:, 0]).mul_(self.value[:, 0])
+        for j in range(1, self.index.shape[1]):
+            out.addcmul_(e.index_select(1, self.index[:, j]), self.value[:, j])
+        return out
 
     def dense(self):
         n = self.index.shape[0]

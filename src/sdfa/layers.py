@@ -109,6 +109,13 @@ class FeedbackLayer:
         """The tensor used in place of W when sending the error to this layer's input."""
         return self.rule.feedback(self)
 
+    def _feedback_for(self, x: torch.Tensor) -> torch.Tensor:
+        # Nothing reads the feedback when the input needs no gradient (the first layer)
+        # unless it learns: skip computing it then (USF would rebuild sign(W) for nothing).
+        if x.requires_grad or self.rule.learned_feedback:
+            return self.feedback_weight()
+        return self.weight.detach()
+
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
@@ -131,7 +138,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
         if _BACKPROP.get() or not torch.is_grad_enabled():
             return super().forward(x)
-        return _LinearFeedback.apply(x, self.weight, self.bias, self.feedback_weight())
+        return _LinearFeedback.apply(x, self.weight, self.bias, self._feedback_for(x))
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
@@ -146,7 +153,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice)
             padding = (0, 0)
         return _Conv2dFeedback.apply(
-            x, self.weight, self.bias, self.feedback_weight(),
+            x, self.weight, self.bias, self._feedback_for(x),
             self.stride, padding, self.dilation, self.groups,
         )
 

@@ -109,9 +109,13 @@ class LayerwiseRule(Rule):
     ``scale`` (every layer-wise rule takes it) is the amplitude h of B: uniform entries lie in
     [-h, h], sign entries are +-h. By default B gets the root-mean-square (RMS) of W, so the error
     keeps the magnitude that backprop would give it.
+
+    ``learned_feedback = False`` declares that the feedback gets no gradient, so a layer whose
+    input needs none (the first layer) skips computing it.
     """
 
     options = {"scale": None}
+    learned_feedback = True
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -202,6 +206,7 @@ class FA(LayerwiseRule):
 
     name = "fa"
     paper = "Lillicrap, Cownden, Tweed, Akerman 2016"
+    learned_feedback = False
 
     def setup(self, layer, gen):
         layer.register_buffer("feedback", _random_feedback(layer, gen, self.config["scale"]))
@@ -216,9 +221,10 @@ class USF(LayerwiseRule):
 
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016; Xiao, Chen, Liao, Poggio 2018"
+    learned_feedback = False
 
     def feedback(self, layer):
-        return torch.sign(layer.weight.detach()) * _sign_amplitude(self, layer)
+        return torch.sign(layer.weight.detach()).mul_(_sign_amplitude(self, layer))
 
 
 @register_rule
@@ -227,12 +233,14 @@ class FRSF(LayerwiseRule):
 
     name = "frsf"
     paper = "Liao, Leibo, Poggio 2016"
+    learned_feedback = False
 
     def setup(self, layer, gen):
         layer.register_buffer("magnitude", _half_normal(layer, gen))
 
     def feedback(self, layer):
-        return layer.magnitude * torch.sign(layer.weight.detach()) * _sign_amplitude(self, layer)
+        amplitude = _sign_amplitude(self, layer)
+        return torch.sign(layer.weight.detach()).mul_(layer.magnitude).mul_(amplitude)
 
 
 @register_rule
@@ -266,6 +274,7 @@ class KP(FA):
 
     name = "kp"
     paper = "Kolen, Pollack 1994; Akrout, Wilson, Humphreys, Lillicrap, Tweed 2019"
+    learned_feedback = True  # B takes W's gradient in every layer, the first one included
 
     def setup(self, layer, gen):
         feedback = _random_feedback(layer, gen, self.config["scale"])

@@ -1,0 +1,109 @@
+"""The benchmark's plumbing: output format, MAC bounds, memory measure, targets (no timings)."""
+
+import json
+
+import pytest
+import torch
+
+from sdfa import bench, cli
+from sdfa.models.mlp import mlp
+
+
+def test_smoke_run_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--workloads", "tiny", "--quick", "--rounds", "2", "--threads", "1"]
+    assert cli.main([*argv, "--rules", "bp", "dfa", "dfa-k1", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "x autograd" in printed and "MAC bound" in printed and "Targets" in printed
+    report = json.loads(path.read_text())
+    assert report["meta"]["threads"] == 1 and "load_average_start" in report["meta"]
+    rows = {r["contender"]: r for r in report["results"]}
+    assert list(rows) == ["autograd", "bp", "dfa", "dfa-k1"]
+    for r in rows.values():
+        assert r["workload"] == "tiny" and len(r["step_seconds"]) == 2
+        assert r["samples_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["fraction_of_bound"] == pytest.approx(r["ratio_to_autograd"] / r["mac_bound"])
+    assert rows["autograd"]["ratio_to_autograd"] == 1.0
+    # MLP 64-32-32-10, per sample: forward and weight gradients 3,392 MACs each; BP sends the
+    # error back through W2 and W3 (1,344), DFA projects e to both hidden layers (640), k=1
+    # gathers one entry of e per hidden neuron (64, counted as MACs by the cost model).
+    assert rows["bp"]["mac_bound"] == 1.0
+    assert rows["dfa"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 640))
+    assert rows["dfa-k1"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 64))
+    assert {t["target"] for t in report["targets"]} >= {"sdfa bp speed / autograd"}
+
+
+def test_biotorch_contenders_run_when_installed(capsys):
+    pytest.importorskip("biotorch")
+    report = bench.run(
+        ["tiny"], ["biotorch-dfa", "biotorch-usf", "dfa"], rounds=1, warmup=1, round_time=0.001
+    )
+    rows = {r["contender"]: r for r in report["results"]}
+    assert rows["biotorch-dfa"]["mac_bound"] == rows["dfa"]["mac_bound"]
+    assert any(t["target"] == "sdfa DFA speed / biotorch DFA" for t in report["targets"])
+
+
+def test_peak_memory_counts_gradients_and_activations():
+    torch.manual_seed(0)
+    model = mlp((100,), 10, hidden=(200,))
+    x, y = torch.randn(50, 100), torch.randint(0, 10, (50,))
+    peak = bench.peak_step_memory(bench.TrainingStep(model, False, x, y), torch.device("cpu"))
+    grads = sum(p.numel() for p in model.parameters()) * 4
+    activations = 50 * 200 * 4  # the hidden layer's output, kept for the backward pass
+    assert grads + activations <= peak <= 4 * (grads + activations)
+
+
+def test_contender_names():
+    assert bench.parse_contender("dfa-k3") == bench.Contender("dfa-k3", "sdfa", "dfa", {"k": 3})
+    assert bench.parse_contender("dfa-r2").options == {"rank": 2}
+    assert bench.parse_contender("biotorch-usf").library == "biotorch"
+    assert bench.parse_contender("autograd").library == "torch"
+    for bad in ("dfa-k0", "biotorch-kp", "sgd"):
+        with pytest.raises(ValueError, match="unknown contender"):
+            bench.parse_contender(bad)
+
+
+def test_workload_groups_and_errors():
+    names = [w.name for w in bench.resolve_workloads(["main", "mlp", "depth-8"])]
+    assert names == ["mlp", "cifar-fc", "depth-8"]
+    everything = [w.name for w in bench.resolve_workloads(["all"])]
+    assert len(everything) == len(set(everything)) and "tiny" not in everything
+    with pytest.raises(ValueError, match="unknown workload 'huge'"):
+        bench.resolve_workloads(["huge"])
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run(["tiny"], rounds=0)
+
+
+def row(workload, contender, ratio, bound=1.0, memory=100):
+    return {
+        "workload": workload,
+        "contender": contender,
+        "ratio_to_autograd": ratio,
+        "mac_bound": bound,
+        "fraction_of_bound": ratio / bound,
+        "peak_memory_bytes": memory,
+    }
+
+
+def test_targets_are_judged_from_the_figures():
+    results = [
+        row("mlp", "autograd", 1.0),
+        row("mlp", "bp", 0.98),
+        row("mlp", "fa", 0.85),
+        row("mlp", "dfa", 1.2, bound=1.27, memory=90),  # mlp is the depth-2 point too
+        row("mlp", "dfa-k1", 1.25, bound=1.3),
+        row("mlp", "biotorch-dfa", 0.9),
+        *(
+            row(w, c, r)
+            for w, r in (("depth-4", 1.3), ("depth-8", 1.25))
+            for c in ("autograd", "dfa")
+        ),
+    ]
+    checks = {(c["target"], c["workload"]): c["met"] for c in bench.check_targets(results)}
+    assert checks[("dense DFA speed-up / MAC bound", "mlp")] is True
+    assert checks[("DFA k=1 speed / dense DFA speed", "mlp")] is True
+    assert checks[("sdfa bp speed / autograd", "mlp")] is True
+    assert checks[("sdfa fa speed / autograd", "mlp")] is False
+    assert checks[("sdfa DFA speed / biotorch DFA", "mlp")] is True
+    assert checks[("DFA peak memory / autograd", "mlp")] is True
+    assert checks[("DFA speed-up grows with depth (2, 4, 8)", "depth")] is False
