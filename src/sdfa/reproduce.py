@@ -177,9 +177,9 @@ def _moskovitz2018() -> ExperimentSet:
 
 def _biotorch_benchmark() -> ExperimentSet:
     rules = ["bp", "fa", "dfa", "usf", "brsf", "frsf"]
-    exps = _per_rule({**DIGITS_32, "model": "lenet"}, "digits 32x32 (stand-in), LeNet",
+    exps = _per_rule({**DIGITS_32, "model": "lenet5"}, "digits 32x32 (stand-in), LeNet",
                      rules, LENET_LR, quick={})
-    mnist = {"dataset": "mnist", "model": "lenet", "image_size": 32, "optimizer": "sgd",
+    mnist = {"dataset": "mnist", "model": "lenet5", "image_size": 32, "optimizer": "sgd",
              "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 64, "epochs": 100,
              "lr_schedule": "multistep", "lr_milestones": [50, 75], "augment": False}
     exps += _per_rule(mnist, "MNIST, LeNet", rules, LENET_LR, BIOTORCH["lenet-mnist"])
