@@ -77,3 +77,16 @@ def test_cli_lists_sets_and_rejects_unknown(capsys):
     assert all(name in listed for name in ("crafton2019", "moskovitz2018", "biotorch-benchmark"))
     assert main(["reproduce", "nope"]) == 2
     assert "unknown experiment set 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_every_experiment_names_a_registered_model_rule_and_data_set(name):
+    from sdfa.data import DATASETS
+    from sdfa.models import MODELS
+    from sdfa.rules import RULES
+
+    for exp in SETS[name].experiments:
+        config = config_from_dict(exp.config)  # also validates every key and value
+        assert config.model in MODELS, (exp.group, config.model)
+        assert config.rule in RULES, (exp.group, config.rule)
+        assert config.dataset in DATASETS, (exp.group, config.dataset)
