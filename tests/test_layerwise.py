@@ -15,6 +15,7 @@ import sdfa
 from sdfa.alignment import angle
 from sdfa.layers import FeedbackLayer
 from sdfa.models import build_model
+from sdfa.models.resnet import Bottleneck, ResNet
 from sdfa.optim import batch_manhattan
 from sdfa.rules import LayerwiseRule
 
@@ -46,16 +47,17 @@ def record_feedback(model):
 
 
 def expected_feedback(rule, layer, scale=None):
-    """The formula of each rule for B at this step (brsf: only its sign is determined)."""
+    """The formula of each rule for B at this step (brsf: ``magnitude`` holds this step's draw)."""
     w = layer.weight.detach()
     h = rms(w) if scale is None else scale
     return {
         "fa": lambda: layer.feedback,
         "usf": lambda: h * torch.sign(w),
         "frsf": lambda: h * layer.magnitude * torch.sign(w),
+        "brsf": lambda: h * layer.magnitude * torch.sign(w),
         "kp": lambda: layer.feedback.detach(),
         "wm": lambda: layer.feedback,
-    }.get(rule, lambda: None)()
+    }[rule]()
 
 
 LAYERS = {
@@ -73,7 +75,9 @@ LAYERS = {
 
 
 @pytest.mark.parametrize("kind", sorted(LAYERS))
-@pytest.mark.parametrize("rule,scale", [(r, None) for r in RULES] + [("usf", 0.3), ("frsf", 0.3)])
+@pytest.mark.parametrize(
+    "rule,scale", [(r, None) for r in RULES] + [(r, 0.3) for r in ("usf", "frsf", "brsf")]
+)
 def test_input_gradient_is_delta_times_feedback(rule, scale, kind):
     make, shape, op, kw = LAYERS[kind]
     torch.manual_seed(0)
@@ -89,9 +93,7 @@ def test_input_gradient_is_delta_times_feedback(rule, scale, kind):
     (B,) = used
     assert B.shape == layer.weight.shape
     assert torch.equal(torch.sign(B), torch.sign(layer.weight)) or rule in ("fa", "kp", "wm")
-    formula = expected_feedback(rule, layer, scale)
-    if formula is not None:
-        torch.testing.assert_close(B, formula, rtol=0, atol=0)
+    torch.testing.assert_close(B, expected_feedback(rule, layer, scale), rtol=0, atol=0)
     # the input gradient is delta through B; the weight and bias gradients are the true ones
     x0 = x.detach().requires_grad_()
     (grad_x,) = torch.autograd.grad(op(x0, B, None, **kw), x0, delta)
@@ -183,9 +185,22 @@ def test_wrappers_with_W_as_feedback_equal_autograd(case):
         torch.testing.assert_close(a, b)
 
 
-def test_resnet_with_W_as_feedback_equals_autograd():
+def small_bottleneck_resnet(num_classes):
+    """ResNet-50's blocks (1x1-3x3-1x1 bottlenecks, projection shortcuts) at a testable size."""
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    return ResNet(stem, Bottleneck, (4, 8), (2, 1), num_classes)
+
+
+RESIDUAL_NETS = {
+    "resnet20": lambda: build_model("resnet20", (3, 16, 16), 5),
+    "bottleneck": lambda: small_bottleneck_resnet(5),
+}
+
+
+@pytest.mark.parametrize("net", sorted(RESIDUAL_NETS))
+def test_resnet_with_W_as_feedback_equals_autograd(net):
     torch.manual_seed(0)
-    base = build_model("resnet20", (3, 16, 16), 5)
+    base = RESIDUAL_NETS[net]()
     wrapped = transported(base)
     x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 3, 4])
     for model in (base, wrapped):
@@ -465,6 +480,44 @@ def test_every_rule_trains_projection_shortcuts(rule):
     F.cross_entropy(model(torch.randn(3, 3, 16, 16)), torch.tensor([0, 1, 3])).backward()
     assert shortcut.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+PRESET_NETS = {  # (builder, input batch, output layer, a layer deep below it)
+    "bottleneck": (lambda: small_bottleneck_resnet(4), (3, 3, 16, 16), "fc",
+                   "layer1.0.shortcut.0"),
+    "alexnet": (lambda: build_model("alexnet", (3, 63, 63), 4, hidden=16), (3, 3, 63, 63),
+                "classifier.fc3", "features.0"),
+}
+
+
+@pytest.mark.parametrize("net,mode", [("bottleneck", "train"), ("bottleneck", "eval"),
+                                      ("alexnet", "train")])
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_trains_bottleneck_blocks_and_batchnorm_alexnet(rule, net, mode):
+    """ResNet-50's bottleneck blocks and AlexNet's BatchNorm1d head, at small sizes.
+
+    The output layer keeps backprop, so the deep layer's gradient departs from the true one only
+    through the rule's feedback in the hidden layers.
+    """
+    make, shape, output, deep = PRESET_NETS[net]
+    torch.manual_seed(0)
+    base = make()
+    model = sdfa.convert(base, {"": rule, output: "bp"}, seed=0)
+    getattr(base, mode)(), getattr(model, mode)()
+    x, y = torch.randn(shape), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(base(x), y).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    true = {name: p.grad for name, p in base.named_parameters()}
+    for name in true:
+        assert grads[name] is not None and torch.isfinite(grads[name]).all(), name
+    torch.testing.assert_close(grads[f"{output}.weight"], true[f"{output}.weight"])
+    assert isinstance(model.get_submodule(deep), FeedbackLayer)
+    assert not isinstance(model.get_submodule(output), FeedbackLayer)
+    mine, exact = grads[f"{deep}.weight"], true[f"{deep}.weight"]
+    assert mine.abs().sum() > 0 and not torch.allclose(mine, exact)
 
 
 # -- batch manhattan ----------------------------------------------------------------------------
