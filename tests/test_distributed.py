@@ -28,6 +28,7 @@ from sdfa.distributed import (
     balanced,
     block_sizes,
     blocks_of,
+    bytes_written,
     data_parallel,
     launched,
     pipeline_traffic,
@@ -70,7 +71,8 @@ PIPELINES = {
     # transfer protocol: rank 0 holds only the frozen features
     "dfa-frozen-features": ("conv", {"features": "frozen", "classifier": "dfa"}, {}, [1, 2], 2, 12),
 }
-DATA_PARALLEL = {"dfa": ("dfa", {}), "dfa-k1": ("dfa", {"k": 1}), "fa": ("fa", {})}
+# every registered rule, and sparse DFA
+DATA_PARALLEL = {**{rule: (rule, {}) for rule in sorted(sdfa.RULES)}, "dfa-k1": ("dfa", {"k": 1})}
 
 
 def batches(model_name, steps=STEPS):
@@ -135,16 +137,19 @@ def _pipelines_job(out_dir):
     for name in PIPELINES:
         stage, data = layer_parallel(name)
         opt = optimizer_of(stage)
-        received, losses = [], []
+        received, written, losses = [], [], []
         for x, y in data:
             stage.comm.reset()
+            before = bytes_written()
             losses.append(stage.forward_backward(x, y))
+            written.append(None if before is None else bytes_written() - before)
             received.append(dict(stage.comm.received))
             if opt:
                 opt.step()
                 opt.zero_grad()
         results[name] = {
             "received": received,
+            "written": written,
             "losses": losses,
             "state": stage.state_dict(),
             "optimizer": stage.optimizer_state_dict(opt),
@@ -198,13 +203,16 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def assert_same_state(state, reference):
-    assert list(state) == list(reference)
-    for key, value in reference.items():
-        if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(state[key], value, rtol=1e-10, atol=1e-12, msg=key)
-        else:  # e.g. the sparse feedback's extra state
-            assert state[key] == value, key
+def assert_same_state(state, reference, key="state_dict"):
+    """Tensors equal to float rounding; extra states (sparse feedback, noise generators) equal."""
+    if isinstance(reference, torch.Tensor):
+        torch.testing.assert_close(state, reference, rtol=1e-10, atol=1e-12, msg=key)
+    elif isinstance(reference, dict):
+        assert list(state) == list(reference), key
+        for name, value in reference.items():
+            assert_same_state(state[name], value, f"{key}[{name!r}]")
+    else:
+        assert state == reference, key
 
 
 # -- layer parallel ------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def test_layer_parallel_ends_with_single_process_weights(ranks, name):
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_bytes_per_step_match_the_analytic_count(ranks, name):
-    _, rule, _, _, _, boundary = PIPELINES[name]
+    _, rule, _, _, micro, boundary = PIPELINES[name]
     dfa = "dfa" in str(rule)
     activations = BATCH * boundary * F64  # one boundary, forward
     if dfa:  # the output error (C = 4 values per sample) goes back once, to rank 0
@@ -242,10 +250,16 @@ def test_bytes_per_step_match_the_analytic_count(ranks, name):
         expected = [{"gradients": activations}, {"activations": activations}]
     for rank in range(2):
         assert ranks[rank][name]["received"] == [expected[rank]] * STEPS
+    counted = sum(expected[0].values()) + sum(expected[1].values())
     traffic = pipeline_traffic([boundary], 4, BATCH, bytes_per_value=F64)
-    assert sum(expected[0].values()) + sum(expected[1].values()) == (
-        traffic.dfa if dfa else traffic.bp
-    )
+    assert counted == (traffic.dfa if dfa else traffic.bp)
+    # what the ranks wrote to their sockets: the counted bytes and a header per message
+    written = [ranks[0][name]["written"][i] + ranks[1][name]["written"][i] for i in range(STEPS)]
+    if None in written:
+        pytest.skip("this system does not report the bytes a process writes (/proc/self/io)")
+    messages = micro + 1 if dfa else 2 * micro  # forward sends, then the error or the gradients
+    for total in written:
+        assert counted < total <= counted + 256 * messages
 
 
 def test_resume_from_a_single_process_checkpoint(ranks):
@@ -394,6 +408,31 @@ def test_stage_boundaries_from_a_model_on_the_meta_device():
     assert stage_boundaries(sizes, 512) == [2048, 64, 32]  # never more stages than blocks
 
 
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan")])
+def test_peer_timeout_must_be_a_finite_positive_number(value):
+    with pytest.raises(ValueError, match="peer_timeout must be"):
+        config_from_dict({"peer_timeout": value})
+
+
+def test_peer_timeout_reaches_the_process_group(monkeypatch, tmp_path):
+    """--nproc: spawn's timeout; torchrun: setup's (both become the process group's timeout)."""
+    from sdfa.distributed import training
+
+    seen = {}
+
+    def fake_spawn(fn, nproc, args, timeout):
+        seen["spawn"] = timeout
+        (tmp_path / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(training, "spawn", fake_spawn)
+    monkeypatch.setattr(training, "launched", lambda: True)
+    monkeypatch.setattr(training, "setup", lambda timeout: seen.setdefault("setup", timeout))
+    config = config_from_dict({"nproc": 2, "peer_timeout": 7.5, "out": str(tmp_path)})
+    training.launch(None, config, resume=False)
+    training.join(config.peer_timeout)
+    assert seen == {"spawn": 7.5, "setup": 7.5}
+
+
 def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -448,7 +487,7 @@ def test_cli_data_parallel_run_equals_the_single_process_run(tmp_path, single_ru
 
 def test_layer_parallel_run_stops_when_a_rank_dies_and_resumes(tmp_path, single_run):
     config = config_from_dict({**RUN, "out": str(tmp_path / "run"), "nproc": 2,
-                               "parallel": "layer", "micro_batches": 3})
+                               "parallel": "layer", "micro_batches": 3, "peer_timeout": 20})
     with pytest.raises(ProcessFailure) as failure:
         sdfa.train.train(config, callbacks=[DiesOnRank1()])
     message = str(failure.value)

@@ -99,12 +99,14 @@ class TrainConfig:
     nproc: int = 1  # processes to start on this machine (leave 1 under torchrun)
     parallel: str = "data"  # data: DDP; layer: the layers split over the processes
     micro_batches: int = 4  # parallel = "layer": micro-batches in flight per batch
+    peer_timeout: float = 60.0  # seconds a process waits for another before stopping with an error
 
 
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset(
     {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
-     "progress", "tensorboard", "nproc", "parallel", "micro_batches", "log_alignment"}
+     "progress", "tensorboard", "nproc", "parallel", "micro_batches", "peer_timeout",
+     "log_alignment"}
 )
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
@@ -180,7 +182,8 @@ def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError for values out of range (names are checked where they are looked up)."""
-    positive = ("epochs", "batch_size", "eval_batch_size", "lr", "nproc", "micro_batches")
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr", "nproc", "micro_batches",
+                "peer_timeout")
     for key in positive:
         if not getattr(config, key) > 0:
             raise ValueError(f"{key} must be > 0; got {getattr(config, key)!r}")
@@ -198,6 +201,9 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{key} must be a number in [0, {FLOAT32_MAX:.3g}]; got {value!r}")
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("parallel", config.parallel, PARALLEL)
+    if not math.isfinite(config.peer_timeout):
+        raise ValueError(f"peer_timeout must be a finite number of seconds; got "
+                         f"{config.peer_timeout}")
     if config.log_alignment and config.nproc > 1:
         raise ValueError(SINGLE_PROCESS_ALIGNMENT)
     _choice("lr_schedule", config.lr_schedule, SCHEDULES)

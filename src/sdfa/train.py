@@ -578,7 +578,8 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     from .distributed import is_main_process
     from .distributed import training as parallel
 
-    distributed = parallel.join()  # under torchrun, or in a process started by launch()
+    # under torchrun, or in a process started by launch()
+    distributed = parallel.join(config.peer_timeout)
     if distributed and config.log_alignment:  # under torchrun; validate() refuses nproc > 1
         raise ValueError(SINGLE_PROCESS_ALIGNMENT)
     if config.nproc > 1 and not distributed:  # start the processes; each runs train()

@@ -8,10 +8,11 @@
 * :func:`setup` / :func:`spawn`: join the process group started by torchrun, or start one on
   this machine; a finite timeout turns a dead or stuck peer into a :class:`PeerFailure`.
 * :class:`Comm`: the counted, failure-checked communication calls (bytes per step);
-  :func:`pipeline_traffic` projects them analytically to any number of ranks.
+  :func:`pipeline_traffic` projects them analytically to any number of ranks;
+  :func:`bytes_written` cross-checks them against what the process wrote to its sockets.
 """
 
-from .comm import Comm, PeerFailure
+from .comm import Comm, PeerFailure, bytes_written
 from .data_parallel import data_parallel
 from .launch import (
     DEFAULT_TIMEOUT,
@@ -37,6 +38,7 @@ __all__ = [
     "block_outputs",
     "block_sizes",
     "blocks_of",
+    "bytes_written",
     "data_parallel",
     "default_backend",
     "is_main_process",

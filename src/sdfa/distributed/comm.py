@@ -10,7 +10,8 @@ it carried ("activations", "gradients", "error"). A broadcast counts its payload
 other than the root, whatever algorithm the backend uses (tree or ring): that is the least any
 broadcast must deliver. Summed over ranks, the received bytes are the bytes the step moved.
 Objects exchanged for checkpoints (:meth:`gather_object`) are not training traffic and are not
-counted.
+counted. :func:`bytes_written` cross-checks the count from outside: what the process actually
+wrote to its sockets (gloo on Linux).
 """
 
 from __future__ import annotations
@@ -99,6 +100,22 @@ class Comm:
         with self.guard("summing the byte counters"):
             dist.all_reduce(value)
         return int(value.item())
+
+
+def bytes_written() -> int | None:
+    """Bytes this process has written so far through write()/writev() (Linux: wchar of
+    /proc/self/io), or None where the kernel does not report it.
+
+    gloo's TCP transport writes every message that way, so over a step with no file or terminal
+    output, the difference summed over the ranks is what the step put on the wire: the bytes
+    :class:`Comm` counts plus gloo's message headers. (NCCL moves data without these calls.)
+    """
+    try:
+        with open("/proc/self/io") as io:
+            fields = dict(line.split(": ") for line in io.read().splitlines())
+    except OSError:
+        return None
+    return int(fields["wchar"])
 
 
 class _Pending:

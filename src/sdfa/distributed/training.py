@@ -41,7 +41,8 @@ def launch(train, config, *, resume: bool, callbacks=()) -> dict:
         threads = max(1, (os.cpu_count() or 1) // config.nproc)
         config = dataclasses.replace(config, threads=threads)
     try:
-        spawn(_run, config.nproc, (train, config, resume, tuple(callbacks)))
+        spawn(_run, config.nproc, (train, config, resume, tuple(callbacks)),
+              timeout=config.peer_timeout)
     except ProcessFailure as error:
         raise ProcessFailure(
             f"{error}\nThe last checkpoint is kept: continue with "
@@ -54,10 +55,13 @@ def _run(train, config, resume, callbacks):
     train(config, resume=resume, callbacks=callbacks)
 
 
-def join() -> bool:
-    """In a process started by torchrun or :func:`launch`, join the group; True if distributed."""
+def join(timeout: float) -> bool:
+    """In a process started by torchrun or :func:`launch`, join the group; True if distributed.
+
+    ``timeout``: seconds any communication may wait for a peer (``peer_timeout``).
+    """
     if launched() and not dist.is_initialized():
-        setup()
+        setup(timeout=timeout)
     return dist.is_initialized()
 
 
