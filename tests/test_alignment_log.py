@@ -135,6 +135,18 @@ def test_plot_accuracy_against_macs_and_alignment(tmp_path, capsys):
         assert image.size[1] > 1.5 * plain.size[1]  # the row of alignment panels
     assert main(["plot", *map(str, runs), "--x", "macs", "-o", str(tmp_path / "cli.png")]) == 0
     assert (tmp_path / "cli.png").stat().st_size > 0
+    # The other measures of the alignment row: same layout, other curves.
+    drawn = {with_alignment.read_bytes()}
+    for measure in ("sign", "norm_ratio"):
+        out = tmp_path / f"{measure}.png"
+        assert main(["plot", *map(str, runs), "--x", "macs", "--alignment", measure,
+                     "-o", str(out)]) == 0
+        with Image.open(out) as image:
+            assert image.size[1] > 1.5 * plain.size[1]
+        drawn.add(out.read_bytes())
+    assert len(drawn) == 3
+    with pytest.raises(ValueError, match="alignment must be one of angle, sign, norm_ratio"):
+        plot_runs(runs, tmp_path / "x.png", alignment="cosine")
 
     metrics = runs[2] / "metrics.csv"  # a run from before MACs were recorded
     columns, rows = read_rows(metrics)

@@ -239,6 +239,9 @@ def test_cli_errors(capsys):
     assert "shape of one input sample" in capsys.readouterr().err
     assert main(["costs", "--model", "mlp", "--input-shape", "1,8,8", "--rule", "dfa:k=99"]) == 2
     assert "k must be" in capsys.readouterr().err
+    argv = ["costs", "--model", "mlp", "--input-shape", "1,8,8", "--model-option", "bogus=3"]
+    assert main(argv) == 2
+    assert "model 'mlp': bad model options" in capsys.readouterr().err
 
 
 def test_dataset_sizes_the_preset_as_training_does():

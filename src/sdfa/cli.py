@@ -234,7 +234,8 @@ def _plot(args) -> int:
 
     default = Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else Path("curves.png")
     try:
-        path = plot_runs(args.runs, args.output or default, title=args.title, x=args.x)
+        path = plot_runs(args.runs, args.output or default, title=args.title, x=args.x,
+                         alignment=args.alignment)
     except ValueError as error:
         print(f"sdfa plot: error: {error}", file=sys.stderr)
         return 2
@@ -272,7 +273,8 @@ def _add_plot_and_reproduce(commands) -> None:
         "plot", help="draw learning curves of runs into a PNG",
         description="Draw test accuracy and training loss per epoch (or against the training "
         "MACs) of one or several runs into one PNG, and, for runs trained with --log-alignment, "
-        "the angle between each layer's update and the true gradient over the steps. Runs with "
+        "the angle between each layer's update and the true gradient over the steps (or, with "
+        "--alignment, their sign agreement or norm ratio). Runs with "
         "the same settings (seeds) are drawn as mean and min-max band.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (sdfa train --out)")
@@ -282,6 +284,11 @@ def _add_plot_and_reproduce(commands) -> None:
     p.add_argument("--x", choices=("epoch", "macs"), default="epoch",
                    help="x axis of accuracy and loss: the epoch (default) or the MACs spent "
                    "training (accuracy against compute)")
+    p.add_argument("--alignment", choices=("angle", "sign", "norm_ratio"), default="angle",
+                   help="for runs trained with --log-alignment, what the alignment row draws per "
+                   "layer: the angle between the update and the true gradient (default; dashed: "
+                   "W vs its feedback), the fraction of entries whose signs agree, or the ratio "
+                   "of their norms")
     p.set_defaults(run=_plot)
 
     r = commands.add_parser(

@@ -319,8 +319,11 @@ def _meta_preset(name: str, input_shape, num_classes: int, **options) -> nn.Modu
     """The model preset ``name`` with weights on the meta device (no memory, no computation)."""
     from .models import build_model
 
-    with torch.device("meta"):
-        return build_model(name, tuple(input_shape), num_classes, **options)
+    try:
+        with torch.device("meta"):
+            return build_model(name, tuple(input_shape), num_classes, **options)
+    except TypeError as error:  # an option the preset does not take (as sdfa train reports it)
+        raise ValueError(f"model {name!r}: bad model options ({error})") from None
 
 
 def paper_comparisons(rules: Sequence[str] = PAPER_RULES) -> dict[str, Comparison]:

@@ -8,7 +8,8 @@ The top row shows test accuracy and training loss against the epoch or, with ``x
 the MACs the rule spent (``cumulative_macs``: accuracy against compute). When runs logged their
 alignment (``sdfa train --log-alignment N``), a second row shows, per setting, the angle between
 each layer's update and the true gradient over the training steps (dashed: the angle between W
-and its feedback, for layer-wise rules).
+and its feedback, for layer-wise rules), or, with ``alignment="sign"`` / ``"norm_ratio"``, the
+fraction of entries whose signs agree with it / the ratio of the norms.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ X_AXES = {  # --x: the metrics.csv column on the x axis, and its label
     "macs": ("cumulative_macs", "training MACs (counted by sdfa costs)"),
 }
 ANGLE, FEEDBACK_ANGLE = "align/angle/", "align/feedback_angle/"
+ALIGNMENT = {  # --alignment: the alignment.csv columns drawn per layer, and the y label
+    "angle": (ANGLE, "update vs true gradient (degrees)\ndashed: W vs feedback"),
+    "sign": ("align/sign/", "entries whose sign agrees with\nthe true gradient (0.5: chance)"),
+    "norm_ratio": ("align/norm_ratio/", "norm of the update /\nnorm of the true gradient"),
+}
 
 Columns = dict[str, np.ndarray]
 
@@ -86,13 +92,17 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
     return labels
 
 
-def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epoch") -> Path:
-    """Draw the curves of ``run_dirs`` into the PNG ``out``; ``x``: "epoch" or "macs"."""
+def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epoch",
+              alignment: str = "angle") -> Path:
+    """Draw the curves of ``run_dirs`` into the PNG ``out``; ``x``: "epoch" or "macs";
+    ``alignment``: the measure of the alignment row, "angle", "sign" or "norm_ratio"."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("plot needs at least one run directory")
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}; got {x!r}")
+    if alignment not in ALIGNMENT:
+        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENT)}; got {alignment!r}")
     runs = [read_metrics(d) for d in run_dirs]
     x_key = X_AXES[x][0]
     for run_dir, columns in zip(run_dirs, runs, strict=True):
@@ -101,14 +111,14 @@ def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epo
                              "sdfa): plot it against the epoch")
     labels = labels_for(run_dirs)
     metrics = _group(labels, runs)
-    alignment = _group(labels, [read_alignment(d) for d in run_dirs])
+    measure, alignment = alignment, _group(labels, [read_alignment(d) for d in run_dirs])
 
     fig = Figure(figsize=(max(11, 4.4 * len(alignment)), 8.4 if alignment else 4.2),
                  layout="constrained")
     FigureCanvasAgg(fig)
     if alignment:
         top, bottom = fig.subfigures(2, 1)
-        _alignment_row(bottom, alignment)
+        _alignment_row(bottom, alignment, measure)
     else:
         top = fig
     _metrics_row(top, metrics, x)
@@ -160,29 +170,38 @@ def _metrics_row(fig, groups: dict[str, list[Columns]], x: str) -> None:
     axes[0].legend(fontsize=8)
 
 
-def _alignment_row(fig, groups: dict[str, list[Columns]]) -> None:
+def _alignment_row(fig, groups: dict[str, list[Columns]], measure: str = "angle") -> None:
     """One panel per setting: one colour per layer, from the input (dark) to the output.
 
-    Every panel has the same y axis, from 0 to at least 90 degrees (orthogonal: no better than a
-    random direction)."""
+    Every panel has the same y axis: for angles from 0 to at least 90 degrees (orthogonal: no
+    better than a random direction), for sign agreement from 0 to 1, for norm ratios a log
+    scale with a line at 1."""
+    prefix, ylabel = ALIGNMENT[measure]
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
     highest = max(np.nanmax(r[k], initial=0) for runs in groups.values() for r in runs
                   for k in r if k.startswith((ANGLE, FEEDBACK_ANGLE)))
     top = 15 * math.ceil(max(90, highest) / 15)
     for ax, (label, runs) in zip(axes, groups.items(), strict=True):
-        layers = [key.removeprefix(ANGLE) for key in runs[0] if key.startswith(ANGLE)]
+        layers = [key.removeprefix(prefix) for key in runs[0] if key.startswith(prefix)]
         colors = colormaps["viridis"](np.linspace(0, 0.9, len(layers)))
         for layer, color in zip(layers, colors, strict=True):
-            _band(ax, runs, "step", ANGLE + layer, label=layer, color=color, lw=1.3)
-            if FEEDBACK_ANGLE + layer in runs[0]:
+            _band(ax, runs, "step", prefix + layer, label=layer, color=color, lw=1.3)
+            if measure == "angle" and FEEDBACK_ANGLE + layer in runs[0]:
                 _band(ax, runs, "step", FEEDBACK_ANGLE + layer, color=color, lw=1.0, ls="--")
         ax.set_title(_mean_of(label, runs), fontsize=10)
         ax.set_xlabel("training step")
-        ax.set_ylim(0, top)
-        ax.yaxis.set_major_locator(MaxNLocator(6, steps=[1, 1.5, 3]))
+        if measure == "angle":
+            ax.set_ylim(0, top)
+            ax.yaxis.set_major_locator(MaxNLocator(6, steps=[1, 1.5, 3]))
+        elif measure == "sign":
+            ax.set_ylim(0, 1.02)
+            ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+        else:
+            ax.set_yscale("log")
+            ax.axhline(1, color="gray", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
         ax.legend(title="layer", fontsize=7, title_fontsize=7, ncols=1 + len(layers) // 8)
-    axes[0].set_ylabel("update vs true gradient (degrees)\ndashed: W vs feedback")
+    axes[0].set_ylabel(ylabel)
 
 
 def plot_sweep(
