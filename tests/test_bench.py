@@ -72,6 +72,14 @@ def test_workload_groups_and_errors():
         bench.resolve_workloads(["huge"])
     with pytest.raises(ValueError, match="rounds"):
         bench.run(["tiny"], rounds=0)
+    with pytest.raises(ValueError, match="round_time"):
+        bench.run(["tiny"], round_time=0)
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--warmup", "--round-time"])
+def test_cli_refuses_zero_instead_of_taking_the_default(flag, capsys):
+    assert cli.main(["bench", "--workloads", "tiny", "--rules", "bp", flag, "0"]) == 2
+    assert "must be" in capsys.readouterr().err
 
 
 def row(workload, contender, ratio, bound=1.0, memory=100):

@@ -29,7 +29,8 @@ def rms(w):
 
 
 def record_feedback(model):
-    """Make every layer-wise layer of ``model`` log the feedback tensor each forward pass uses."""
+    """Make every layer-wise layer of ``model`` log the feedback tensor each step uses (a copy
+    when it is built into ``out``, the scratch tensor that the layer reuses at every step)."""
     used = {}
     for name, layer in model.named_modules():
         if isinstance(layer, FeedbackLayer):
@@ -37,9 +38,10 @@ def record_feedback(model):
             rule = copy.copy(layer.rule)  # per-layer copy: patching it leaves others alone
             original = rule.feedback
 
-            def logged(lay, original=original, log=used[name]):
-                log.append(original(lay))
-                return log[-1]
+            def logged(lay, out=None, original=original, log=used[name]):
+                feedback = original(lay, out)
+                log.append(feedback if out is None else feedback.clone())
+                return feedback
 
             rule.feedback = logged
             layer.rule = rule

@@ -18,9 +18,11 @@ def test_layerwise_feedback_is_skipped_where_nothing_reads_it(rule, monkeypatch)
     calls = []
     cls = type(model[0].rule)
     original = cls.feedback
-    monkeypatch.setattr(
-        cls, "feedback", lambda self, layer: calls.append(layer) or original(self, layer)
-    )
+    def logged(self, layer, out=None):
+        calls.append(layer)
+        return original(self, layer, out)
+
+    monkeypatch.setattr(cls, "feedback", logged)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     out = model(x)
     F.cross_entropy(out, y).backward()
@@ -46,3 +48,33 @@ def test_sparse_projection_keeps_the_block_layout(k):
     out = f.project(e)
     assert out.is_contiguous() and out.shape == (7, 50)
     torch.testing.assert_close(out, e @ f.dense())
+
+
+def test_sign_feedback_is_built_in_the_backward_pass_into_one_reused_tensor():
+    # A fresh sign(W) per step cost a W-sized allocation (page faults) and was held from the
+    # forward to the backward pass; the layer now reuses one scratch tensor.
+    torch.manual_seed(0)
+    model = sdfa.convert(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double(), "usf")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(x)
+    assert "_feedback_scratch" not in vars(model[2])  # the forward pass builds and holds nothing
+    F.cross_entropy(out, y).backward()
+    w2 = model[2].weight.detach().clone()
+    scratch = model[2]._feedback_scratch
+    torch.testing.assert_close(scratch, w2.sign() * w2.square().mean().sqrt())
+
+    with torch.no_grad():
+        model[2].weight.mul_(-2)  # a step that flips every sign
+    F.cross_entropy(model(x), y).backward()
+    assert model[2]._feedback_scratch is scratch
+    torch.testing.assert_close(scratch, -w2.sign() * 2 * w2.square().mean().sqrt())
+    assert "_feedback_scratch" not in vars(model[0])  # the first layer never needs it
+    assert sdfa.feedback_matrices(model)["2"].data_ptr() != scratch.data_ptr()
+
+    # W changed in place between forward and backward: autograd refuses, as it does for BP,
+    # instead of building the feedback from the new W.
+    out = model(x)
+    with torch.no_grad():
+        model[2].weight.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        F.cross_entropy(out, y).backward()

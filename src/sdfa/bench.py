@@ -398,6 +398,8 @@ def run(
     """Run the benchmark; print the table and the targets; return everything as a dict."""
     if rounds < 1 or warmup < 1:
         raise ValueError(f"rounds and warmup must be >= 1; got {rounds} and {warmup}")
+    if not round_time > 0:
+        raise ValueError(f"round_time must be a positive number of seconds; got {round_time}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")

@@ -348,13 +348,17 @@ def _bench(args) -> int:
     from . import bench
 
     quick = args.quick
+
+    def given(value, default, quick_default):  # 0 is a value (refused by run), not "unset"
+        return value if value is not None else quick_default if quick else default
+
     try:
         report = bench.run(
             args.workloads,
             args.rules,
-            rounds=args.rounds or (3 if quick else 15),
-            warmup=args.warmup or (1 if quick else 3),
-            round_time=args.round_time or (0.005 if quick else 0.3),
+            rounds=given(args.rounds, 15, 3),
+            warmup=given(args.warmup, 3, 1),
+            round_time=given(args.round_time, 0.3, 0.005),
             threads=args.threads,
             device=args.device,
             clock=args.clock,

@@ -44,30 +44,40 @@ def backprop_enabled() -> bool:
     return _BACKPROP.get()
 
 
+def _backward_feedback(feedback, layer):
+    """The feedback weight at backward time: the tensor given to forward, or the layer's derived
+    feedback, built now into its scratch tensor (see ``FeedbackLayer._derived_feedback``)."""
+    return layer._derived_feedback() if feedback is None else feedback
+
+
 class _LinearFeedback(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback):
-        ctx.save_for_backward(x, feedback)
+    def forward(ctx, x, weight, bias, feedback, layer):
+        # W is saved only so that autograd raises if it changes in place before the backward
+        # pass, which would make a derived feedback (built then from W) differ from forward's W.
+        ctx.save_for_backward(x, feedback, weight if feedback is None and x.requires_grad else None)
+        ctx.layer = layer
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        x, feedback = ctx.saved_tensors
-        need_x, need_w, need_b, need_fb = ctx.needs_input_grad
-        grad_x = grad @ feedback if need_x else None
+        x, feedback, _ = ctx.saved_tensors
+        need_x, need_w, need_b, need_fb, _ = ctx.needs_input_grad
+        grad_x = grad @ _backward_feedback(feedback, ctx.layer) if need_x else None
         grad_w = grad_b = None
         if need_w or need_fb:
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         if need_b:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None
+        return grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None
 
 
 class _Conv2dFeedback(Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, feedback, layer, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight, feedback)
+        ctx.layer = layer
         ctx.conv = (stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -84,12 +94,15 @@ class _Conv2dFeedback(Function):
                 stride, padding, dilation, False, [0, 0], groups, mask,
             )
 
-        grad_x = conv_backward(feedback, [True, False, False])[0] if need_x else None
+        if need_x:
+            grad_x = conv_backward(_backward_feedback(feedback, ctx.layer), [True, False, False])[0]
+        else:
+            grad_x = None
         grad_w = grad_b = None
         if need_w or need_fb or need_b:
             _, grad_w, grad_b = conv_backward(weight, [False, need_w or need_fb, need_b])
         return (grad_x, grad_w if need_w else None, grad_b if need_b else None,
-                grad_w if need_fb else None, None, None, None, None)
+                grad_w if need_fb else None, None, None, None, None, None)
 
 
 class FeedbackLayer:
@@ -109,12 +122,33 @@ class FeedbackLayer:
         """The tensor used in place of W when sending the error to this layer's input."""
         return self.rule.feedback(self)
 
-    def _feedback_for(self, x: torch.Tensor) -> torch.Tensor:
-        # Nothing reads the feedback when the input needs no gradient (the first layer)
-        # unless it learns: skip computing it then (USF would rebuild sign(W) for nothing).
-        if x.requires_grad or self.rule.learned_feedback:
+    def _feedback_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The feedback tensor for the autograd Function; None: build it in the backward pass.
+
+        Nothing reads the feedback when the input needs no gradient (the first layer) unless it
+        learns: it is skipped then (USF would rebuild sign(W) for nothing).
+        """
+        rule = self.rule
+        if rule.learned_feedback or (x.requires_grad and not rule.derived_feedback):
             return self.feedback_weight()
-        return self.weight.detach()
+        return None
+
+    def _derived_feedback(self) -> torch.Tensor:
+        """Build a derived feedback (a function of W, e.g. h sign(W)) at backward time.
+
+        It goes into a scratch tensor of W's shape that the layer keeps and overwrites at every
+        backward pass, which uses it at once: no W-sized tensor is allocated per step (a fresh
+        one costs page faults on the CPU) or held from the forward to the backward pass.
+        """
+        weight = self.weight
+        out = self.__dict__.get("_feedback_scratch")
+        if out is None or (out.shape, out.dtype, out.device) != (
+            weight.shape, weight.dtype, weight.device
+        ):
+            out = self.__dict__["_feedback_scratch"] = torch.empty(
+                weight.shape, dtype=weight.dtype, device=weight.device
+            )
+        return self.rule.feedback(self, out=out)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
@@ -138,7 +172,7 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     def forward(self, x):
         if _BACKPROP.get() or not torch.is_grad_enabled():
             return super().forward(x)
-        return _LinearFeedback.apply(x, self.weight, self.bias, self._feedback_for(x))
+        return _LinearFeedback.apply(x, self.weight, self.bias, self._feedback_for(x), self)
 
 
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
@@ -153,7 +187,7 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
             x = F.pad(x, self._reversed_padding_repeated_twice)
             padding = (0, 0)
         return _Conv2dFeedback.apply(
-            x, self.weight, self.bias, self._feedback_for(x),
+            x, self.weight, self.bias, self._feedback_for(x), self,
             self.stride, padding, self.dilation, self.groups,
         )
 

@@ -112,10 +112,16 @@ class LayerwiseRule(Rule):
 
     ``learned_feedback = False`` declares that the feedback gets no gradient, so a layer whose
     input needs none (the first layer) skips computing it.
+
+    ``derived_feedback = True`` declares that the feedback is a function of W and fixed buffers
+    only: it is then built in the backward pass, into ``out``, a scratch tensor of W's shape
+    that the layer reuses at every step (no W-sized allocation per step, none held from the
+    forward to the backward pass).
     """
 
     options = {"scale": None}
     learned_feedback = True
+    derived_feedback = False
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -141,12 +147,15 @@ class LayerwiseRule(Rule):
     def setup(self, layer: nn.Module, gen: torch.Generator) -> None:
         pass
 
-    def feedback(self, layer: nn.Module) -> torch.Tensor:
+    def feedback(self, layer: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor of W's shape used in place of W; a derived feedback may be written into
+        ``out`` (else it is a new tensor)."""
         raise NotImplementedError
 
 
 def _rms(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().square().mean().sqrt()
+    # one pass over W and no W-sized temporary (square().mean() allocates one)
+    return torch.linalg.vector_norm(weight.detach()) / math.sqrt(weight.numel())
 
 
 def _sign_amplitude(rule: LayerwiseRule, layer: nn.Module) -> torch.Tensor | float:
@@ -211,7 +220,7 @@ class FA(LayerwiseRule):
     def setup(self, layer, gen):
         layer.register_buffer("feedback", _random_feedback(layer, gen, self.config["scale"]))
 
-    def feedback(self, layer):
+    def feedback(self, layer, out=None):
         return layer.feedback
 
 
@@ -222,9 +231,10 @@ class USF(LayerwiseRule):
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016; Xiao, Chen, Liao, Poggio 2018"
     learned_feedback = False
+    derived_feedback = True
 
-    def feedback(self, layer):
-        return torch.sign(layer.weight.detach()).mul_(_sign_amplitude(self, layer))
+    def feedback(self, layer, out=None):
+        return torch.sign(layer.weight.detach(), out=out).mul_(_sign_amplitude(self, layer))
 
 
 @register_rule
@@ -234,13 +244,14 @@ class FRSF(LayerwiseRule):
     name = "frsf"
     paper = "Liao, Leibo, Poggio 2016"
     learned_feedback = False
+    derived_feedback = True
 
     def setup(self, layer, gen):
         layer.register_buffer("magnitude", _half_normal(layer, gen))
 
-    def feedback(self, layer):
+    def feedback(self, layer, out=None):
         amplitude = _sign_amplitude(self, layer)
-        return torch.sign(layer.weight.detach()).mul_(layer.magnitude).mul_(amplitude)
+        return torch.sign(layer.weight.detach(), out=out).mul_(layer.magnitude).mul_(amplitude)
 
 
 @register_rule
@@ -253,6 +264,7 @@ class BRSF(FRSF):
 
     name = "brsf"
     paper = "Liao, Leibo, Poggio 2016"
+    derived_feedback = False  # M is redrawn per forward pass: B is fixed when the forward runs
 
     def setup(self, layer, gen):
         super().setup(layer, gen)
