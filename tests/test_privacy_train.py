@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -118,6 +119,23 @@ def test_empty_poisson_batch_is_a_noise_only_step(tmp_path):
     loss, hits = trainer.step(images, labels)
     assert (loss, hits) == (0.0, 0)
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+
+
+def test_private_inputs_do_not_depend_on_training_statistics(tmp_path):
+    """The usual normalization uses the training split's mean and std, released without noise;
+    a private run maps [0, value_range] to [-1, 1] whatever those statistics are."""
+    config = small(tmp_path)
+    data = load_dataset("digits", train_samples=256)
+    images = data.train.images[:8]
+    inputs = []
+    for mean, std in ((0.1, 0.2), (0.4, 0.3)):
+        shifted = dataclasses.replace(data, mean=(mean,), std=(std,))
+        trainer = Trainer(config, shifted, build_model(config, shifted), tmp_path,
+                          callbacks=[PrivacyCallback(config)])
+        trainer.callbacks[0].on_train_start(trainer)
+        inputs.append(trainer.prepare(images, data.train.labels[:8])[0])
+    torch.testing.assert_close(inputs[0], inputs[1])
+    torch.testing.assert_close(inputs[0], images.float() / 8 - 1)  # digits: values 0..16
 
 
 def test_reproduce_sweep_tabulates_and_plots_against_epsilon(tmp_path):

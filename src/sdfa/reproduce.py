@@ -204,7 +204,7 @@ def _biotorch_benchmark() -> ExperimentSet:
 # Lee & Kifer 2020 (DP-DFA) and Ohana, Cappelli et al. 2021 (noisy projection) against DP-SGD.
 # Per method: label and settings, chosen by `python -m sdfa.privacy.lee2020 --tune` (digits,
 # epsilon 2, a validation split of the training set). Input clips are per data set: about the
-# norm of a normalized input, sqrt(number of input values).
+# largest norm of a private run's input (values in [-1, 1]), sqrt(number of input values).
 LEE2020_METHODS = {
     "dp-sgd": ("DP-SGD (Opacus)", {"rule": "bp", "lr": 1e-2, "batch_size": 64, "epochs": 15,
                                    "privacy_options": {"max_grad_norm": 1.0}}),
@@ -220,11 +220,13 @@ LEE2020_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 
 def _lee2020() -> ExperimentSet:
     exps = []
-    data = (("digits", "digits, MLP 64-100-100-10 tanh", 8.0),
-            ("mnist", "MNIST, MLP 784-100-100-10 tanh", 28.0),
-            ("fashion-mnist", "Fashion-MNIST, MLP 784-100-100-10 tanh", 28.0))
-    for dataset, group, input_norm in data:
-        base = {"dataset": dataset, "model": "mlp", "optimizer": "adam", "delta": 1e-5}
+    mlp, lenet = {"model": "mlp"}, {"model": "lenet5", "model_options": {"activation": "tanh"}}
+    data = (("digits", "digits, MLP 64-100-100-10 tanh", 8.0, mlp),
+            ("mnist", "MNIST, MLP 784-100-100-10 tanh", 28.0, mlp),
+            ("fashion-mnist", "Fashion-MNIST, MLP 784-100-100-10 tanh", 28.0, mlp),
+            ("cifar10", "CIFAR-10, LeNet-5 tanh", 55.0, lenet))
+    for dataset, group, input_norm, model in data:
+        base = {"dataset": dataset, **model, "optimizer": "adam", "delta": 1e-5}
         quick = {} if dataset == "digits" else None
         for method, (label, settings) in LEE2020_METHODS.items():
             options = dict(settings["privacy_options"])
