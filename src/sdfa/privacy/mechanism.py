@@ -221,7 +221,8 @@ def analyse(
         if isinstance(module, nn.modules.batchnorm._NormBase):
             raise ValueError(
                 f"module {name!r} ({type(module).__name__}) mixes the examples of a batch, so "
-                "no per-example bound holds; use GroupNorm / LayerNorm or remove it"
+                "no per-example bound holds: remove it (DP-DFA bounds only bounded activations, "
+                "pooling, dropout and flatten between its layers)"
             )
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if own and name not in dfa_layers:
