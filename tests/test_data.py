@@ -144,6 +144,17 @@ def test_missing_data_says_what_to_download(tmp_path):
         assert remote.urls[0] in message and remote.md5 in message
 
 
+def test_missing_file_is_named(tmp_path):
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", tmp_path)
+    message = str(info.value)
+    assert f"in {tmp_path} is incomplete: t10k-labels-idx1-ubyte.gz not found." in message
+    assert "t10k-labels-idx1-ubyte.gz  (MD5 ec29112dd5afa0611ce80d1b7f02629c)" in message
+    assert "train-images" not in message  # only the absent file is to be downloaded
+
+
 def test_cli_reports_bad_file_in_one_line(tmp_path, capsys):
     write_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")

@@ -196,26 +196,32 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
 
 
 class PoisonWeights(Callback):
-    """Sets the weights to NaN in the middle of epoch ``epoch``."""
+    """Sets the weights to NaN after step ``step`` (a run of 256 samples has 8 steps an epoch)."""
 
-    def __init__(self, epoch):
-        self.epoch = epoch
+    def __init__(self, step):
+        self.step = step
 
     def on_step_end(self, trainer, inputs, labels, loss):
-        if trainer.epoch + 1 == self.epoch and trainer.global_step % 8 == 3:
+        if trainer.global_step == self.step:
             with torch.no_grad():
                 next(trainer.model.parameters()).fill_(float("nan"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "step, where",
+    [
+        (11, r"at epoch 2, step 12"),  # the next step's loss is nan
+        (16, r"on the test split after epoch 2"),  # the last step of epoch 2: no step follows
+    ],
+)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, step, where):
     config = small(tmp_path, epochs=4)
     with pytest.raises(
         TrainingDiverged,
-        match=r"the loss became nan at epoch 2, step \d+: "
-        r"training stopped; the last good checkpoint, "
+        match=rf"the loss became nan {where}: training stopped; the last good checkpoint, "
         r".*last\.pt, holds epoch 1",
     ):
-        train(config, callbacks=[PoisonWeights(epoch=2)])
+        train(config, callbacks=[PoisonWeights(step)])
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

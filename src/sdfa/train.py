@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import time
@@ -405,6 +406,9 @@ class Trainer:
         try:
             while self.epoch < self.config.epochs:
                 row = self.run_epoch(self.epoch + 1)
+                if not math.isfinite(row["test_loss"]):  # the epoch's last steps broke the model
+                    where = f"on the test split after epoch {self.epoch + 1}"
+                    raise TrainingDiverged(self._divergence_message(row["test_loss"], where))
                 self.epoch += 1
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, row)
@@ -551,14 +555,15 @@ class Trainer:
                 f"({row['epoch_seconds']:.1f} s)"
             )
 
-    def _divergence_message(self, value: float) -> str:
+    def _divergence_message(self, value: float, where: str = "") -> str:
+        where = where or f"at epoch {self.epoch + 1}, step {self.global_step + 1}"
         checkpoint = self.run_dir / "last.pt"
         kept = (
             f"the last good checkpoint, {checkpoint}, holds epoch {self.epoch}"
             if self.epoch else "no epoch had completed, so there is no checkpoint"
         )
         return (
-            f"the loss became {value} at epoch {self.epoch + 1}, step {self.global_step + 1}: "
+            f"the loss became {value} {where}: "
             f"training stopped; {kept}. Try a smaller learning rate (lr={self.config.lr})."
         )
 

@@ -187,7 +187,13 @@ def missing_message(name: str, data_dir: str | Path | None = None, offer_downloa
     directory = dataset_dir(name, data_dir)
     if not spec.files:
         return f"data set {name!r} was not found in {directory}. {spec.note}"
-    return missing_files_message(name, directory, list(spec.files), spec.note, offer_download)
+    missing = list(spec.files)
+    if spec.format == "idx":  # name the absent files when the others are there
+        missing = [r for r in spec.files if idx.find(directory, r.name.removesuffix(".gz")) is None]
+    partial = 0 < len(missing) < len(spec.files)
+    return missing_files_message(
+        name, directory, missing or list(spec.files), spec.note, offer_download, partial
+    )
 
 
 def load_dataset(

@@ -71,10 +71,24 @@ def download(remote: RemoteFile, directory: Path) -> Path:
 
 
 def missing_files_message(
-    dataset: str, directory: Path, files: list[RemoteFile], note: str = "", offer_download=True
+    dataset: str,
+    directory: Path,
+    files: list[RemoteFile],
+    note: str = "",
+    offer_download=True,
+    partial=False,
 ) -> str:
-    """The error text for absent files: what to download, from where, and where to put it."""
-    lines = [f"data set {dataset!r} was not found in {directory}.", "Download these files:"]
+    """The error text for absent files: what to download, from where, and where to put it.
+
+    ``files`` are the absent ones; when the data set has others that are present, pass
+    ``partial=True`` so the message names the missing files instead of the whole data set.
+    """
+    if partial:
+        names = ", ".join(remote.name for remote in files)
+        lines = [f"data set {dataset!r} in {directory} is incomplete: {names} not found."]
+    else:
+        lines = [f"data set {dataset!r} was not found in {directory}."]
+    lines.append("Download these files:")
     for remote in files:
         lines.append(f"  {remote.urls[0]}  (MD5 {remote.md5})")
     lines.append(f"and put them in {directory} (or pass --data-dir DIR pointing at them)")
