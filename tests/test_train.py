@@ -313,3 +313,19 @@ def test_batch_manhattan_option_steps_with_the_sign():
     w.grad = torch.tensor([2.0, -0.1, 0.0])
     opt.step()
     assert torch.equal(w.detach(), torch.tensor([-0.5, 0.5, 0.0]))
+
+
+@pytest.mark.parametrize("hidden, expected", [([100], 1), ([2000, 2000], None)])
+def test_small_cpu_runs_use_one_thread_unless_threads_is_set(tmp_path, hidden, expected):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        config = small(tmp_path, epochs=1, train_samples=64, threads=None,
+                       model_options={"hidden": hidden})
+        train(config)
+        assert torch.get_num_threads() == (expected or 2)
+        torch.set_num_threads(2)
+        train(small(tmp_path, "set", epochs=1, train_samples=64, threads=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
