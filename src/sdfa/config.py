@@ -89,7 +89,7 @@ class TrainConfig:
     # how to run (may change when a run is resumed)
     out: str | None = None
     device: str = "auto"
-    threads: int | None = None
+    threads: int | None = None  # None: 1 for small CPU steps (train.SMALL_STEP_MACS), else torch's
     workers: int = 0
     eval_batch_size: int = 1000
     progress: bool = True
