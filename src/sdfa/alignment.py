@@ -79,7 +79,8 @@ def measure_alignment(
     * ``align/sign/<name>``: fraction of entries whose signs agree;
     * ``align/norm_ratio/<name>``: norm of the rule's update / norm of the true gradient;
     * ``align/feedback_angle/<name>``: for layer-wise rules, degrees between the forward weight W
-      and the feedback B that replaces it (0 for backprop's W itself).
+      and the feedback B that replaces it (0 for backprop's W itself); only for layers that send
+      an error to their input (not the first layer, whose feedback is never used).
     """
     layers = _trainable_layers(model)
     if not layers:
@@ -95,15 +96,31 @@ def measure_alignment(
         updates[name] = torch.cat([p.grad.detach().flatten() for p in params])
 
     flat = [p for params in layers.values() for p in params]
-    with _untouched(model, rng_state, x.device):
-        with torch.enable_grad(), backprop():
-            loss = loss_fn(model(x), y)
-        true_grads = torch.autograd.grad(loss, flat, allow_unused=True)
-        feedback_angles = {
-            name: angle(module.weight, module.feedback_weight())
-            for name, module in model.named_modules()
-            if isinstance(module, FeedbackLayer) and name in layers
-        }
+    feedback_layers = {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, FeedbackLayer) and name in layers
+    }
+    sends_error = set()  # layers whose input needs a gradient: only there is the feedback used
+
+    def record(name):
+        def hook(module, args):
+            if args[0].requires_grad:
+                sends_error.add(name)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in feedback_layers.items()]
+    try:
+        with _untouched(model, rng_state, x.device):
+            with torch.enable_grad(), backprop():
+                loss = loss_fn(model(x), y)
+            true_grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            feedback_angles = {
+                name: angle(module.weight, module.feedback_weight())
+                for name, module in feedback_layers.items() if name in sends_error
+            }
+    finally:
+        for hook in hooks:
+            hook.remove()
 
     grads = iter(true_grads)
     metrics: dict[str, float] = {}
