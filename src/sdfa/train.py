@@ -506,11 +506,20 @@ class Trainer:
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in loader or self.test_loader:
             x, y = self.prepare(images, labels, augment=False)
-            logits = self.model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
+            logits = self._predict(x)
+            if logits is not None:
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        return loss_sum / seen, correct / seen
+        return self._shared(loss_sum / seen, correct / seen)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's outputs for ``x`` (None in a process that does not hold them)."""
+        return self.model(x)
+
+    def _shared(self, loss: float, accuracy: float) -> tuple[float, float]:
+        """Evaluation results as every process should see them (here: as they are)."""
+        return loss, accuracy
 
     def summary(self) -> dict:
         last = self.history[-1]

@@ -186,19 +186,11 @@ class LayerParallelTrainer(_DistributedTrainer):
         self.comm.broadcast(stats, self.comm.world_size - 1, "metrics")
         return self._finish_step(x, y, stats[0].item(), stats[1].item())
 
-    @torch.no_grad()
-    def evaluate(self, loader=None) -> tuple[float, float]:
-        self.model.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels in loader or self.test_loader:
-            x, y = self.prepare(images, labels, augment=False)
-            out = self.stage.predict(x)
-            if out is not None:
-                loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-                correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
-        stats = torch.tensor([loss_sum / seen, correct / seen], dtype=torch.float64,
-                             device=self.device)
+    def _predict(self, x):
+        return self.stage.predict(x)  # the outputs exist on the last stage only
+
+    def _shared(self, loss, accuracy):
+        stats = torch.tensor([loss, accuracy], dtype=torch.float64, device=self.device)
         self.comm.broadcast(stats, self.comm.world_size - 1, "metrics")
         return stats[0].item(), stats[1].item()
 
