@@ -329,3 +329,20 @@ def test_small_cpu_runs_use_one_thread_unless_threads_is_set(tmp_path, hidden, e
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_corrupt_image_found_by_a_loader_worker_is_one_line(tmp_path, capsys):
+    for split in ("train", "val"):
+        for label, value in (("a", 0), ("b", 200)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (value, value, value)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "b" / "2.png").write_bytes(b"\x89PNG not really a png")
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet",
+            "--set", "image_size=8", "--set", "workers=1", "--set", "threads=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2.png: cannot decode image" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err

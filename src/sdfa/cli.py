@@ -112,6 +112,16 @@ def config_from_args(args) -> tuple[dict, object]:
     return values, resume_config(values["out"], values)
 
 
+def _without_worker_traceback(error: Exception) -> str:
+    """The message of an error raised in a DataLoader worker (``--set workers=N``): PyTorch
+    re-raises it with the worker's traceback inside the text; keep the original message."""
+    text = str(error)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "module.ErrorType: message"
+        text = last.split(": ", 1)[-1]
+    return text
+
+
 def _train(args) -> int:
     from .config import FIELDS
     from .distributed import ProcessFailure, is_main_process
@@ -129,7 +139,7 @@ def _train(args) -> int:
         values, config = config_from_args(args)
         summary = train(config, resume=args.resume)
     except ValueError as error:  # includes DataError: bad settings or bad data files
-        print(f"sdfa train: error: {error}", file=sys.stderr)
+        print(f"sdfa train: error: {_without_worker_traceback(error)}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"sdfa train: stopped: {error}", file=sys.stderr)
