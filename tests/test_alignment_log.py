@@ -11,11 +11,11 @@ from conftest import same_state
 from PIL import Image
 
 from sdfa.alignment_log import AlignmentLog
-from sdfa.cli import main
-from sdfa.config import config_from_dict
-from sdfa.plot import plot_runs
+from sdfa.app.cli import main
+from sdfa.app.config import config_from_dict
+from sdfa.app.plot import plot_runs
+from sdfa.app.run import train
 from sdfa.rules import RULES, LayerwiseRule
-from sdfa.train import train
 
 METRICS = ("angle", "sign", "norm_ratio", "feedback_angle")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sdfa import bench, cli
+from sdfa.app import bench, cli
 from sdfa.models.mlp import mlp
 
 

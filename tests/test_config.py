@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdfa.config import (
+from sdfa.app.config import (
     FIELDS,
     TrainConfig,
     config_from_dict,

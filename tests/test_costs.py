@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sdfa
-from sdfa.cli import main
+from sdfa.app.cli import main
 from sdfa.costs import RULE_COSTS, costs, paper_comparisons, parse_rule, report
 from sdfa.data import input_shape, load_dataset
 

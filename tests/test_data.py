@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from sdfa import data as sdfa_data
-from sdfa.cli import main
+from sdfa.app.cli import main
 from sdfa.data import DataError, load_dataset, prepare_batch, random_crop_flip
 from sdfa.data.files import RemoteFile, download
 

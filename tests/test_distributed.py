@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdfa
-import sdfa.train
-from sdfa.cli import main
-from sdfa.config import config_from_dict
+import sdfa.app.run
+import sdfa.training
+from sdfa.app.cli import main
+from sdfa.app.config import config_from_dict
 from sdfa.distributed import (
     Comm,
     LayerParallel,
@@ -416,7 +417,7 @@ def test_peer_timeout_must_be_a_finite_positive_number(value):
 
 def test_peer_timeout_reaches_the_process_group(monkeypatch, tmp_path):
     """--nproc: spawn's timeout; torchrun: setup's (both become the process group's timeout)."""
-    from sdfa.distributed import training
+    from sdfa.distributed import strategies as training
 
     seen = {}
 
@@ -450,18 +451,18 @@ def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
 RUN = {"epochs": 2, "train_samples": 256, "threads": 1, "progress": False, "tensorboard": False}
 
 
-class DiesOnRank1(sdfa.train.Callback):
+class DiesOnRank1(sdfa.training.Callback):
     """Kills rank 1 in the middle of the second epoch (after the first checkpoint)."""
 
     def on_step_end(self, trainer, inputs, labels, loss):
-        if trainer.comm.rank == 1 and trainer.global_step == 11:
+        if trainer.strategy.comm.rank == 1 and trainer.global_step == 11:
             os._exit(9)
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    sdfa.train.train(config_from_dict({**RUN, "out": str(out)}))
+    sdfa.app.run.train(config_from_dict({**RUN, "out": str(out)}))
     return out
 
 
@@ -489,10 +490,10 @@ def test_layer_parallel_run_stops_when_a_rank_dies_and_resumes(tmp_path, single_
     config = config_from_dict({**RUN, "out": str(tmp_path / "run"), "nproc": 2,
                                "parallel": "layer", "micro_batches": 3, "peer_timeout": 20})
     with pytest.raises(ProcessFailure) as failure:
-        sdfa.train.train(config, callbacks=[DiesOnRank1()])
+        sdfa.app.run.train(config, callbacks=[DiesOnRank1()])
     message = str(failure.value)
     assert "rank 1: exited with code 9" in message and "rank 0: PeerFailure" in message
     assert f"sdfa train --out {config.out} --resume" in message
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
-    sdfa.train.train(config, resume=True)
+    sdfa.app.run.train(config, resume=True)
     assert_same_run(tmp_path / "run", single_run)

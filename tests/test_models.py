@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdfa
-from sdfa.cli import main
+from sdfa.app.cli import main
 from sdfa.layers import FeedbackLayer
 from sdfa.models import available_models, build_model
 from sdfa.models.resnet import PadShortcut
@@ -96,7 +96,8 @@ def test_output_layer_names():
         ("alexnet", (3, 32, 32), {}, "at least 63x63"),
         ("resnet20", (3, 32, 32), {"shortcut": "C"}, "shortcut must be"),
         ("resnet50", (32, 32), {}, "needs images"),
-        ("resnet34", (3, 32, 32), {}, "unknown model 'resnet34'; available models: alexnet"),
+        ("resnet34", (3, 32, 32), {},
+         "unknown model 'resnet34' \\(did you mean 'resnet32'\\?\\); available models: alexnet"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(name, input_shape, kwargs, message):

@@ -10,11 +10,13 @@ import re
 import pytest
 import torch
 
-from sdfa.cli import main
-from sdfa.config import config_from_dict
+from sdfa.app.build import build_model
+from sdfa.app.cli import main
+from sdfa.app.config import config_from_dict
+from sdfa.app.run import build_trainer, train
 from sdfa.data import load_dataset
 from sdfa.privacy.training import PrivacyCallback
-from sdfa.train import Callback, Trainer, build_model, train
+from sdfa.training import Callback
 
 FAST = ["--quiet", "--set", "train_samples=256", "--set", "threads=1", "--set",
         "tensorboard=false"]
@@ -111,13 +113,13 @@ def test_resumed_private_run_equals_an_uninterrupted_one(tmp_path, privacy="dp-n
 def test_empty_poisson_batch_is_a_noise_only_step(tmp_path):
     config = small(tmp_path, epsilon=None, noise_multiplier=1.0)
     data = load_dataset("digits", train_samples=256)
-    trainer = Trainer(config, data, build_model(config, data), tmp_path,
-                      callbacks=[PrivacyCallback(config)])
+    trainer = build_trainer(config, data, build_model(config, data), tmp_path,
+                            callbacks=[PrivacyCallback(config)])
     trainer.callbacks[0].on_train_start(trainer)
     images, labels = data.train.images[:0], data.train.labels[:0]
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    loss, hits = trainer.step(images, labels)
-    assert (loss, hits) == (0.0, 0)
+    sums = trainer.step((images, labels))
+    assert (sums["loss_sum"], sums["correct"]) == (0.0, 0)
     assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
 
 
@@ -130,10 +132,11 @@ def test_private_inputs_do_not_depend_on_training_statistics(tmp_path):
     inputs = []
     for mean, std in ((0.1, 0.2), (0.4, 0.3)):
         shifted = dataclasses.replace(data, mean=(mean,), std=(std,))
-        trainer = Trainer(config, shifted, build_model(config, shifted), tmp_path,
-                          callbacks=[PrivacyCallback(config)])
+        trainer = build_trainer(config, shifted, build_model(config, shifted), tmp_path,
+                                callbacks=[PrivacyCallback(config)])
         trainer.callbacks[0].on_train_start(trainer)
-        inputs.append(trainer.prepare(images, data.train.labels[:8])[0])
+        batch = (images, data.train.labels[:8])
+        inputs.append(trainer.task.prepare(batch, trainer.device, train=True)[0])
     torch.testing.assert_close(inputs[0], inputs[1])
     torch.testing.assert_close(inputs[0], images.float() / 8 - 1)  # digits: values 0..16
 
@@ -141,7 +144,7 @@ def test_private_inputs_do_not_depend_on_training_statistics(tmp_path):
 def test_reproduce_sweep_tabulates_and_plots_against_epsilon(tmp_path):
     """A tiny private set through ``sdfa reproduce``: the accuracy-against-epsilon table (one
     row per method, non-private runs as references) and its plot."""
-    from sdfa.reproduce import Experiment, ExperimentSet, reproduce
+    from sdfa.app.reproduce import Experiment, ExperimentSet, reproduce
 
     tiny = {"dataset": "digits", "model": "mlp", "epochs": 1, "train_samples": 128,
             "threads": 1, "tensorboard": False, "batch_size": 32}
@@ -172,7 +175,7 @@ def test_reproduce_sweep_tabulates_and_plots_against_epsilon(tmp_path):
 def test_signal_fraction_is_within_the_sensitivity(privacy, rule, options):
     """The --signal measurement of docs/privacy.md: each example's update stays within the
     sensitivity that calibrates the noise, in the real training pipeline."""
-    from sdfa.privacy.lee2020 import SignalFraction, fit
+    from sdfa.app.lee2020 import SignalFraction, fit
 
     signal = SignalFraction(samples=20)
     values = {"dataset": "digits", "model": "mlp", "rule": rule, "privacy": privacy,

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sdfa.cli import main
-from sdfa.config import config_from_dict
-from sdfa.reproduce import SETS, Experiment, ExperimentSet, reproduce
+from sdfa.app.cli import main
+from sdfa.app.config import config_from_dict
+from sdfa.app.reproduce import SETS, Experiment, ExperimentSet, reproduce
 
 TINY = {"dataset": "digits", "model": "mlp", "epochs": 1, "train_samples": 128, "threads": 1,
         "tensorboard": False}

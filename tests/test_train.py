@@ -18,11 +18,13 @@ import torch
 from PIL import Image
 
 import sdfa
-from sdfa.cli import main
-from sdfa.config import TrainConfig, config_from_dict, load_toml
+from sdfa.app.build import build_model
+from sdfa.app.cli import main
+from sdfa.app.config import TrainConfig, config_from_dict, load_toml
+from sdfa.app.plot import plot_runs
+from sdfa.app.run import build_trainer, train
 from sdfa.data import load_dataset
-from sdfa.plot import plot_runs
-from sdfa.train import Callback, Trainer, TrainingDiverged, build_model, train
+from sdfa.training import Callback, TrainingDiverged
 
 SRC = Path(sdfa.__file__).resolve().parents[1]
 # Small, fast runs: 256 digits, one thread, no TensorBoard unless a test wants it.
@@ -75,8 +77,9 @@ def test_cli_smoke_run(tmp_path, capsys):
     data = load_dataset("digits")
     model = build_model(config, data)
     model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
-    trainer = Trainer(config, data, model, out)
-    assert trainer.evaluate() == pytest.approx((summary["test_loss"], summary["test_accuracy"]))
+    trainer = build_trainer(config, data, model, out)
+    expected = {"loss": summary["test_loss"], "accuracy": summary["test_accuracy"]}
+    assert trainer.evaluate() == pytest.approx(expected)
 
 
 def test_config_file_flags_and_set_precedence(tmp_path):
@@ -114,7 +117,7 @@ def test_config_file_flags_and_set_precedence(tmp_path):
         (["--rule", "nope"], "unknown rule 'nope'"),
         (["--model", "nope"], "unknown model 'nope'"),
         (["--rule", "bp", "--k", "1"], "unknown option(s) k for rule(s) bp"),
-        (["--set", "model_options.width=3"], "model 'mlp': bad model_options"),
+        (["--set", "model_options.width=3"], "model 'mlp': bad model options"),
         (["--transfer"], "the transfer protocol needs a model made of 'features' and 'classifier'"),
         (["--set", "lr=1e39"], "lr must be a number in [0, 3.4e+38]"),
     ],
@@ -303,13 +306,12 @@ def test_plot_writes_a_png(tmp_path, capsys):
 
 
 def test_batch_manhattan_option_steps_with_the_sign():
-    from sdfa.config import TrainConfig
-    from sdfa.train import build_optimizer
+    from sdfa.app.build import optimizer_factory
+    from sdfa.app.config import TrainConfig
 
     w = torch.nn.Parameter(torch.zeros(3))
-    opt = build_optimizer(
-        [w], TrainConfig(optimizer="sgd", momentum=0.0, lr=0.5, batch_manhattan=True)
-    )
+    config = TrainConfig(optimizer="sgd", momentum=0.0, lr=0.5, batch_manhattan=True)
+    opt = optimizer_factory(config)([w])
     w.grad = torch.tensor([2.0, -0.1, 0.0])
     opt.step()
     assert torch.equal(w.detach(), torch.tensor([-0.5, 0.5, 0.0]))

@@ -7,16 +7,17 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
+from ._version import __version__
 from .alignment import capture_rng, measure_alignment
+from .app.run import load_run
 from .convert import convert, feedback_matrices, rules_of
 from .costs import costs
 from .layers import backprop
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "RULES",
     "Rule",
     "available_rules",
@@ -26,6 +27,7 @@ __all__ = [
     "convert",
     "costs",
     "feedback_matrices",
+    "load_run",
     "measure_alignment",
     "register_rule",
     "rules_of",

@@ -14,7 +14,7 @@ import io
 import time
 
 from .alignment import capture_rng, measure_alignment
-from .train import Callback, Trainer, _write_text
+from .training import Callback, Trainer, write_text
 
 FILE_NAME = "alignment.csv"
 
@@ -50,7 +50,7 @@ class AlignmentLog(Callback):
             return
         start = time.perf_counter()
         metrics = measure_alignment(
-            trainer.model, trainer.loss_fn, inputs, labels, rng_state=self.rng
+            trainer.model, trainer.task.loss, inputs, labels, rng_state=self.rng
         )
         self.rng = None
         step = trainer.global_step + 1
@@ -91,7 +91,7 @@ def _keep_steps(path, last_step: int) -> list[str] | None:
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, text.getvalue())
+    write_text(path, text.getvalue())
     return list(columns)
 
 

@@ -49,4 +49,5 @@ class Registry(dict, Generic[T]):
         """The message for an unknown ``name``: the closest match and every known name."""
         close = difflib.get_close_matches(str(name), list(self), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown {self.kind} {name!r}{hint}; available: {', '.join(sorted(self))}"
+        known = ", ".join(sorted(self))
+        return f"unknown {self.kind} {name!r}{hint}; available {self.kind}s: {known}"

@@ -4,36 +4,7 @@ Each preset is a plain function registered with :func:`register_model` that retu
 ``nn.Module`` (plain torch, no torchvision), ready for ``sdfa.convert``.
 """
 
-from __future__ import annotations
+from . import alexnet, crafton, lenet, mlp, resnet  # noqa: F401  (registers the presets)
+from .registry import MODELS, available_models, build_model, model_options, register_model
 
-from collections.abc import Callable
-
-from torch import nn
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    """Decorator: make a builder ``f(input_shape, num_classes, **kwargs) -> nn.Module`` a preset."""
-
-    def decorate(builder):
-        MODELS[name] = builder
-        return builder
-
-    return decorate
-
-
-def available_models() -> list[str]:
-    return sorted(MODELS)
-
-
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
-    """Build the preset ``name`` for inputs of ``input_shape`` (no batch) and ``num_classes``."""
-    if name not in MODELS:
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
-        )
-    return MODELS[name](tuple(input_shape), num_classes, **kwargs)
-
-
-from . import alexnet, crafton, lenet, mlp, resnet  # noqa: E402,F401  (registers the presets)
+__all__ = ["MODELS", "available_models", "build_model", "model_options", "register_model"]

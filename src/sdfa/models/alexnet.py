@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 
 
 @register_model("alexnet")

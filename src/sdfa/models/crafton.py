@@ -13,8 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import register_model
 from .mlp import ACTIVATIONS, mlp
+from .registry import register_model
 
 
 def _conv_net(input_shape, num_classes, convs, pool, hidden, activation, dropout) -> nn.Sequential:

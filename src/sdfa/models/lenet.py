@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from . import register_model
 from .mlp import ACTIVATIONS
+from .registry import register_model
 
 
 @register_model("lenet5")

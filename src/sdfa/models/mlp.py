@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
@@ -29,6 +29,6 @@ def mlp(input_shape, num_classes, hidden=(100, 100), activation="tanh", dropout=
 
 
 @register_model("mlp")
-def default_mlp(input_shape, num_classes, **kwargs):
+def default_mlp(input_shape, num_classes, hidden=(100, 100), activation="tanh", dropout=0.0):
     """Two tanh hidden layers of 100 units: the quick default for small data such as digits."""
-    return mlp(input_shape, num_classes, **kwargs)
+    return mlp(input_shape, num_classes, hidden, activation, dropout)

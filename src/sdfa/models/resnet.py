@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 
 
 def _conv_bn(in_channels, out_channels, kernel_size, stride=1) -> list[nn.Module]:

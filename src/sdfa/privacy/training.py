@@ -1,5 +1,6 @@
 """Private runs of ``sdfa train``: the configuration check and the callback that makes a run
-private (``--privacy dp-dfa --epsilon 2 --delta 1e-5``).
+private (``--privacy dp-dfa --epsilon 2 --delta 1e-5``). Both read the run's configuration by its
+attribute names only, so this module depends on the training core, not on the app.
 
 The callback wraps the trainer's model, optimizer and data loader with :class:`PrivacyEngine`
 when training starts, adds ``epsilon`` and ``delta`` to every epoch's row (metrics.csv,
@@ -15,7 +16,7 @@ import dataclasses
 
 import torch
 
-from ..train import Callback
+from ..training import Callback
 from .engine import ACCOUNTANTS, METHODS, PrivacyEngine, _check_budget, _check_options
 
 RULE_OF = {"dp-sgd": "bp", "dp-dfa": "dfa", "dp-noisy-projection": "dfa"}
@@ -62,7 +63,7 @@ def check_config(config) -> None:
 
 
 class PrivacyCallback(Callback):
-    """Trains a :class:`sdfa.train.Trainer` run privately, as its configuration says."""
+    """Trains a :class:`sdfa.training.Trainer` run privately, as its configuration says."""
 
     name = "privacy"
 
@@ -78,7 +79,10 @@ class PrivacyCallback(Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise ValueError("private training runs in one process (each process would add "
                              "its own noise): run it without torchrun")
-        trainer.data = data_independent_normalization(trainer.data)
+        if not hasattr(trainer.task.data, "mean"):
+            raise ValueError(f"private training supports image classification, not the task "
+                             f"{trainer.task.name!r}")
+        trainer.task.data = data_independent_normalization(trainer.task.data)
         # Poisson sampling draws from the loader's generator: seed it with the run.
         loader = trainer.train_loader
         if loader.generator is not None:

@@ -1,11 +1,11 @@
 """Tools behind the ``lee2020`` experiment set (``sdfa reproduce lee2020``): the tuning of each
 method's settings, and two measurements that explain the comparison.
 
-``python -m sdfa.privacy.lee2020 --tune``    grid search at epsilon 2 on a validation split
-``python -m sdfa.privacy.lee2020 --signal``  how much of its sensitivity an example's update uses
-``python -m sdfa.privacy.lee2020 --speed``   time per step of each method at the same batch size
+``python -m sdfa.app.lee2020 --tune``    grid search at epsilon 2 on a validation split
+``python -m sdfa.app.lee2020 --signal``  how much of its sensitivity an example's update uses
+``python -m sdfa.app.lee2020 --speed``   time per step of each method at the same batch size
 
-Everything runs through :class:`sdfa.train.Trainer` with the set's configurations (digits).
+Everything runs through :class:`sdfa.training.Trainer` with the set's configurations (digits).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import config_from_dict
 from ..data import load_dataset, prepare_batch
 from ..data.core import TensorSplit
-from ..reproduce import LEE2020_METHODS, SETS
-from ..train import Callback, Trainer, build_model, seed_everything
-from .training import PrivacyCallback
+from ..privacy.training import PrivacyCallback
+from ..training import Callback
+from .build import build_model, callbacks_for, seed_everything
+from .config import config_from_dict
+from .reproduce import LEE2020_METHODS, SETS
+from .run import build_trainer
 
 # The grid of --tune: each learning rate, expected batch size and epoch count, with each
 # method's clipping choices.
@@ -52,11 +54,8 @@ def fit(values: dict, data, callbacks=()) -> dict:
         config = config_from_dict({**values, "out": out, "progress": False,
                                    "tensorboard": False, "threads": 1})
         seed_everything(config.seed)
-        callbacks = list(callbacks)
-        if config.privacy:
-            callbacks.append(PrivacyCallback(config))
-        trainer = Trainer(config, data, build_model(config, data), Path(out),
-                          callbacks=callbacks)
+        callbacks = [*callbacks, *callbacks_for(config)]
+        trainer = build_trainer(config, data, build_model(config, data), Path(out), callbacks)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -106,13 +105,14 @@ class SignalFraction(Callback):
         self.fractions: list[float] = []
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        if row["epoch"] not in (1, trainer.config.epochs // 2, trainer.config.epochs):
+        if row["epoch"] not in (1, trainer.epochs // 2, trainer.epochs):
             return
         privacy = next(cb for cb in trainer.callbacks if isinstance(cb, PrivacyCallback))
         mechanism, model = privacy.engine.mechanism, trainer.model
-        images, labels = trainer.data.train[: self.samples]
-        x = prepare_batch(images, trainer.data)
-        clip = trainer.config.privacy_options.get("max_grad_norm")
+        data = trainer.task.data
+        images, labels = data.train[: self.samples]
+        x = prepare_batch(images, data)
+        clip = privacy.config.privacy_options.get("max_grad_norm")
         model.train()
         total = 0.0
         for i in range(self.samples):

@@ -25,7 +25,7 @@ Data sets are read from --data-dir, else from $SDFA_DATA/<name> or ~/.cache/sdfa
 
 
 def _rules(args) -> int:
-    from .rules import RULES
+    from ..rules import RULES
 
     for name in sorted(RULES):
         rule = RULES[name]
@@ -36,7 +36,7 @@ def _rules(args) -> int:
 
 
 def _models(args) -> int:
-    from .models import MODELS
+    from ..models import MODELS
 
     for name in sorted(MODELS):
         doc = (MODELS[name].__doc__ or "").strip().splitlines()
@@ -45,7 +45,7 @@ def _models(args) -> int:
 
 
 def _costs(args) -> int:
-    from .costs import PAPER_RULES, report
+    from ..costs import PAPER_RULES, report
 
     try:
         text = report(
@@ -83,7 +83,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _datasets(args) -> int:
-    from .data import DATASETS, dataset_dir, is_present
+    from ..data import DATASETS, dataset_dir, is_present
 
     for name, spec in DATASETS.items():
         if spec.format == "digits":
@@ -100,7 +100,7 @@ def config_from_args(args) -> tuple[dict, object]:
     """(the values given, the TrainConfig): defaults < --config file < flags < --set; with
     --resume, the run's saved config with these values (which may not change what it computes)."""
     from .config import FIELDS, config_from_dict, load_toml, parse_override
-    from .train import resume_config
+    from .run import resume_config
 
     values = load_toml(args.config) if args.config else {}
     values.update({k: getattr(args, k) for k in FIELDS if hasattr(args, k)})
@@ -123,9 +123,10 @@ def _without_worker_traceback(error: Exception) -> str:
 
 
 def _train(args) -> int:
+    from ..distributed import ProcessFailure, is_main_process
+    from ..training import TrainingDiverged
     from .config import FIELDS
-    from .distributed import ProcessFailure, is_main_process
-    from .train import TrainingDiverged, train
+    from .run import train
 
     if args.list_keys:
         from .config import TrainConfig
@@ -170,7 +171,7 @@ def _train(args) -> int:
 
 
 def _add_train(commands) -> None:
-    from .data import available_datasets
+    from ..data import available_datasets
 
     p = commands.add_parser(
         "train",

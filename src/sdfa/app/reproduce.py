@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .._version import __version__
+from ..data import DATASETS, DataError, is_present, missing_message
+from ..models import MODELS
+from ..rules import RULES
+from ..training import TrainingDiverged
 from .config import config_from_dict, toml_value
-from .data import DATASETS, DataError, is_present, missing_message
-from .models import MODELS
 from .plot import plot_runs, plot_sweep
-from .rules import RULES
-from .train import TrainingDiverged, train
+from .run import train
 
 
 @dataclass
@@ -209,7 +210,7 @@ def _biotorch_benchmark() -> ExperimentSet:
 
 
 # Lee & Kifer 2020 (DP-DFA) and Ohana, Cappelli et al. 2021 (noisy projection) against DP-SGD.
-# Per method: label and settings, chosen by `python -m sdfa.privacy.lee2020 --tune` (digits,
+# Per method: label and settings, chosen by `python -m sdfa.app.lee2020 --tune` (digits,
 # epsilon 2, a validation split of the training set). Re-run with inputs scaled to [-1, 1], it
 # preferred settings within 4 validation images of these, which then measured worse on test
 # (DP-DFA lr 3e-2, batch 256; noisy projection max_activation_norm 5), so these stay. Input

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .convert import convert
-from .costs import costs
-from .models import build_model
-from .models.mlp import mlp
-from .rules import RULES
+from ..convert import convert
+from ..costs import costs
+from ..models import build_model
+from ..models.mlp import mlp
+from ..rules import RULES
 
 LEARNING_RATE = 1e-3
 REFERENCE = "autograd"

@@ -214,7 +214,7 @@ def validate(config: TrainConfig) -> None:
     if config.device not in ("auto", "cpu") and not config.device.startswith(("cuda", "mps")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {config.device!r}")
     if config.privacy is not None:
-        from .privacy.training import check_config  # imports Opacus: only for private runs
+        from ..privacy.training import check_config  # imports Opacus: only for private runs
 
         check_config(config)
     elif config.epsilon is not None or config.noise_multiplier is not None:

@@ -1,0 +1,23 @@
+"""Tasks: what a run learns. A task turns stored batches into model inputs and targets, defines
+the loss (whose gradient at the output is the error e that DFA sends back) and the metrics.
+
+The training core (:mod:`sdfa.training`) knows only this interface, so a new kind of problem
+(next-token prediction, node classification, time-step models) is a new task, registered here by
+name, and a data set names the task it is for (``DatasetSpec.task``).
+"""
+
+from ..registry import Registry
+from .base import Task
+from .classification import Classification
+
+TASKS: Registry[type[Task]] = Registry("task")
+register_task = TASKS.register
+register_task("classification", Classification)
+
+
+def build_task(data, **options) -> Task:
+    """The task that the loaded data set ``data`` is for (``data.task``), built on it."""
+    return TASKS.lookup(getattr(data, "task", "classification"))(data, **options)
+
+
+__all__ = ["TASKS", "Classification", "Task", "build_task", "register_task"]
