@@ -6,6 +6,9 @@ every rank saw; the tests compare that with single-process runs computed here, i
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -37,6 +40,7 @@ from sdfa.distributed import (
     spawn,
     stage_boundaries,
 )
+from sdfa.training import load_checkpoint
 
 SEED, STEPS, BATCH, LR = 3, 3, 10, 0.01
 F64 = 8  # bytes per value
@@ -497,3 +501,67 @@ def test_layer_parallel_run_stops_when_a_rank_dies_and_resumes(tmp_path, single_
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
     sdfa.app.run.train(config, resume=True)
     assert_same_run(tmp_path / "run", single_run)
+
+
+# -- the launcher's death ---------------------------------------------------------------------
+
+SRC = Path(sdfa.__file__).resolve().parents[1]
+
+
+def _live_processes() -> dict[int, int]:
+    """{pid: parent pid} of every process that is not a zombie (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state != "Z":
+            parents[int(stat.parent.name)] = int(ppid)
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents, found, todo = _live_processes(), set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, pp in parents.items() if pp == parent]
+        found.update(children)
+        todo += children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_stop_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL the parent of a real 2-process run: every process it started is gone at once
+    (10 s at most), and nothing in the run directory changes after the kill."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "sdfa", "train", "--nproc", "2", "--epochs", "100000",
+               "--quiet", "--out", str(out), "--set", "train_samples=64",
+               "--set", "threads=1", "--set", "tensorboard=false"]
+    launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    started = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").exists():  # training is under way: workers write each epoch
+            assert launcher.poll() is None, launcher.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.01)
+        started = _descendants(launcher.pid)
+        assert len(started) >= 2  # the workers (and the fork server)
+        launcher.kill()
+        launcher.wait()
+        dead_at = time.time()  # the launcher is gone: its end of the lifeline is closed
+        while started & set(_live_processes()) and time.time() < dead_at + 10:
+            time.sleep(0.01)
+        survivors = started & set(_live_processes())
+        assert not survivors, f"{len(survivors)} processes still alive 10 s after the kill"
+        last_write = max(p.stat().st_mtime for p in out.rglob("*") if p.is_file())
+        # An epoch takes about 40 ms here (each writes last.pt and metrics.csv): a worker that
+        # went on for 0.1 s after the launcher died would have written.
+        assert last_write < dead_at + 0.1, f"written {last_write - dead_at:.3f} s after"
+        assert load_checkpoint(out / "last.pt", "cpu")["epoch"] >= 1  # intact
+    finally:
+        for pid in started & set(_live_processes()):
+            os.kill(pid, signal.SIGKILL)

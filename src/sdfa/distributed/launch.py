@@ -4,15 +4,22 @@ Both paths end in the same ``setup()``: the standard ``env://`` rendezvous of to
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), the gloo backend on CPU and NCCL on
 GPUs, and a finite timeout, so that a rank waiting for a dead or stuck peer stops with an error
 instead of hanging.
+
+Spawned processes never outlive the launcher: each holds the reading end of a pipe whose only
+writer is the launcher, and stops itself (SIGKILL, so that it writes nothing more) the moment the
+pipe closes, which the kernel does when the launcher dies, however it dies. On Linux the kernel
+also kills them when their parent (the fork server, which exits with the launcher) dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -105,12 +112,14 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
     ctx = _context()
     errors = ctx.SimpleQueue()
+    lifeline, held = ctx.Pipe(duplex=False)  # only this process holds the writing end
     procs = [
-        ctx.Process(target=_worker, args=(rank, env, backend, timeout, fn, args, errors))
+        ctx.Process(target=_worker, args=(rank, env, backend, timeout, fn, args, errors, lifeline))
         for rank in range(nproc)
     ]
     for proc in procs:
         proc.start()
+    lifeline.close()
     deadline = None
     while any(p.is_alive() for p in procs):
         if deadline is None and any(p.exitcode not in (None, 0) for p in procs):
@@ -122,6 +131,7 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
         time.sleep(0.05)
     for p in procs:
         p.join()
+    held.close()
     messages = {}
     while not errors.empty():
         rank, message = errors.get()
@@ -151,7 +161,30 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _worker(rank, env, backend, timeout, fn, args, errors):
+def _stop_with_launcher(lifeline) -> None:
+    """Kill this process when the launcher dies (see the module docstring)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_watch, args=(lifeline,), name="launcher-watch", daemon=True).start()
+
+
+def _watch(lifeline) -> None:
+    try:
+        lifeline.recv_bytes()  # the launcher never sends: this returns when the pipe closes
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _worker(rank, env, backend, timeout, fn, args, errors, lifeline):
+    _stop_with_launcher(lifeline)
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     try:
         # Our own store, so that slow process start-up does not count against ``timeout``.
