@@ -6,7 +6,9 @@ every rank saw; the tests compare that with single-process runs computed here, i
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from torch import nn
 
 import sdfa
 import sdfa.app.run
+import sdfa.data
 import sdfa.training
 from sdfa.app.cli import main
 from sdfa.app.config import config_from_dict
@@ -40,6 +43,7 @@ from sdfa.distributed import (
     spawn,
     stage_boundaries,
 )
+from sdfa.distributed.launch import free_port
 from sdfa.training import load_checkpoint
 
 SEED, STEPS, BATCH, LR = 3, 3, 10, 0.01
@@ -448,6 +452,81 @@ def test_setup_outside_a_launcher_explains_how_to_start(monkeypatch):
         Comm()
     with pytest.raises(ValueError, match="nproc"):
         spawn(print, 0)
+
+
+@pytest.fixture
+def rendezvous_at(monkeypatch):
+    """``use(rank)``: the environment of rank ``rank`` of 2 meeting at a free local port."""
+    port = free_port()
+
+    def use(rank):
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)),
+                            ("WORLD_SIZE", "2"), ("RANK", str(rank))):
+            monkeypatch.setenv(name, value)
+        return f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT)"
+
+    return use
+
+
+def test_rendezvous_port_in_use_is_one_line_naming_it(rendezvous_at, tmp_path, capsys):
+    address = rendezvous_at(0)
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as other:  # another program listens on MASTER_PORT
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        with pytest.raises(ValueError, match=re.escape(f"host the rendezvous at {address}: "
+                                                       "the port is in use")):
+            setup(timeout=5)
+        assert main(["train", "--quiet", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdfa train: error: rank 0 cannot host the rendezvous at {address}")
+    assert "--master-port" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_rendezvous_peer_that_never_joins_is_one_line(rendezvous_at, tmp_path, capsys):
+    address = rendezvous_at(0)
+    with pytest.raises(PeerFailure, match=re.escape(
+            f"rank 0 of 2: only 1 of 2 processes joined the rendezvous at {address} within 1 s")):
+        setup(timeout=1)
+    assert main(["train", "--quiet", "--out", str(tmp_path / "run"),
+                 "--set", "peer_timeout=1"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("sdfa train: failed: rank 0 of 2: only 1 of 2 processes joined")
+    assert "peer_timeout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rendezvous_rank_0_unreachable_is_one_line(rendezvous_at):
+    address = rendezvous_at(1)  # nobody hosts the rendezvous
+    with pytest.raises(PeerFailure, match=re.escape(
+            f"rank 1 of 2: cannot reach the rendezvous at {address} within 1 s. Start rank 0")):
+        setup(timeout=1)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("MASTER_PORT", "http", "MASTER_PORT must be an integer from 0 to 65535; got 'http'"),
+    ("MASTER_PORT", "99999", "MASTER_PORT must be an integer from 0 to 65535; got '99999'"),
+    ("RANK", "2", "RANK 2 is out of range for WORLD_SIZE 2"),
+    ("WORLD_SIZE", "two", "WORLD_SIZE must be an integer >= 1; got 'two'"),
+])
+def test_bad_launch_environment_names_the_variable(rendezvous_at, monkeypatch, name, value,
+                                                   message):
+    rendezvous_at(0)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setup(timeout=1)
+
+
+def test_the_same_bad_input_on_every_rank_is_raised_once(tmp_path):
+    """--nproc 2 with files that are not there: the data error itself (exit 2 in the CLI), not
+    a process failure with a resume hint for a run that never started."""
+    with pytest.raises(ValueError, match="data set 'mnist' was not found") as info:
+        spawn(_load_mnist, 2, (str(tmp_path),), backend="gloo")
+    assert not isinstance(info.value, ProcessFailure)
+
+
+def _load_mnist(directory):
+    sdfa.data.load_dataset("mnist", directory)
 
 
 # -- the training tool: sdfa train --nproc 2 ------------------------------------------------------

@@ -123,7 +123,7 @@ def _without_worker_traceback(error: Exception) -> str:
 
 
 def _train(args) -> int:
-    from ..distributed import ProcessFailure, is_main_process
+    from ..distributed import PeerFailure, ProcessFailure, is_main_process
     from ..training import TrainingDiverged
     from .config import FIELDS
     from .run import train
@@ -145,7 +145,7 @@ def _train(args) -> int:
     except TrainingDiverged as error:
         print(f"sdfa train: stopped: {error}", file=sys.stderr)
         return 3
-    except ProcessFailure as error:  # --nproc: a process died or failed
+    except (ProcessFailure, PeerFailure) as error:  # a process died or failed; a lost peer
         print(f"sdfa train: failed: {error}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:

@@ -13,9 +13,12 @@ also kills them when their parent (the fork server, which exits with the launche
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
+import pickle
+import re
 import signal
 import socket
 import sys
@@ -26,6 +29,8 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .comm import PeerFailure
 
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for a peer before giving up
 RENDEZVOUS_TIMEOUT = 300.0  # seconds spawned processes may take to start and meet
@@ -66,19 +71,71 @@ def setup(
         )
     if timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds; got {timeout}")
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    _env_int("MASTER_PORT", 0, 65535)
+    if rank >= world_size:
+        raise ValueError(f"RANK {rank} is out of range for WORLD_SIZE {world_size}")
     backend = backend or default_backend()
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    options = {"store": store, "rank": int(os.environ["RANK"])} if store else {}
-    dist.init_process_group(
-        backend,
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=datetime.timedelta(seconds=timeout),
-        **options,
-    )
+    options = {"store": store, "rank": rank} if store else {}
+    with rendezvous(timeout):
+        dist.init_process_group(
+            backend, world_size=world_size, timeout=datetime.timedelta(seconds=timeout), **options
+        )
     return device
+
+
+def _env_int(name: str, low: int, high: int | None = None) -> int:
+    value = os.environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"environment variable {name} must be an integer {bounds}; got {value!r}")
+    return number
+
+
+@contextlib.contextmanager
+def rendezvous(timeout: float):
+    """Turn a failure to meet the other ranks at MASTER_ADDR:MASTER_PORT into one line that says
+    where and what to do: a ValueError for a port in use (a setting to change), a
+    :class:`PeerFailure` for ranks that never joined or a rank 0 that cannot be reached."""
+    try:
+        yield
+    except (dist.DistNetworkError, dist.DistStoreError) as error:
+        raise _rendezvous_error(error, timeout) from None
+
+
+def _rendezvous_error(error: Exception, timeout: float) -> Exception:
+    env = os.environ
+    address = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} (MASTER_ADDR:MASTER_PORT)"
+    rank, world_size = env["RANK"], env["WORLD_SIZE"]
+    text = str(error).strip().splitlines()[0]
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return ValueError(
+            f"rank {rank} cannot host the rendezvous at {address}: the port is in use by "
+            "another program. Choose a free port (torchrun --master-port PORT, or set "
+            "MASTER_PORT) or stop the program that holds it"
+        )
+    if isinstance(error, dist.DistStoreError):
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        who = f"only {joined[1]} of {joined[2]}" if joined else "not all"
+        return PeerFailure(
+            f"rank {rank} of {world_size}: {who} processes joined the rendezvous at {address} "
+            f"within {timeout:g} s. Start all {world_size} processes with the same MASTER_ADDR, "
+            "MASTER_PORT and WORLD_SIZE (or raise peer_timeout if they start slowly)"
+        )
+    detail = "" if "connect" in text else f" ({text})"
+    return PeerFailure(
+        f"rank {rank} of {world_size}: cannot reach the rendezvous at {address} within "
+        f"{timeout:g} s{detail}. Start rank 0, which hosts it, or check MASTER_ADDR, "
+        "MASTER_PORT and that no firewall blocks the port"
+    )
 
 
 def is_main_process() -> bool:
@@ -105,7 +162,9 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     Each process is set up like a torchrun worker (:func:`setup` has been called when ``fn``
     starts). If a process fails, the others are given ``timeout`` seconds to notice and stop on
     their own (each prints its own error); then this raises :class:`ProcessFailure`, which names
-    every failed rank. ``fn`` and ``args`` must be picklable (a module-level function).
+    every failed rank. When every failed rank raised the same ValueError (bad settings or data,
+    found alike by each), that ValueError is raised instead, once. ``fn`` and ``args`` must be
+    picklable (a module-level function).
     """
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer; got {nproc!r}")
@@ -132,11 +191,14 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     for p in procs:
         p.join()
     held.close()
-    messages = {}
+    messages, bad_input = {}, {}
     while not errors.empty():
-        rank, message = errors.get()
-        messages[rank] = message
+        rank, message, error = errors.get()
+        messages[rank], bad_input[rank] = message, error
     failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
+    found = {str(bad_input.get(rank)) for rank, _ in failed}
+    if failed and None not in map(bad_input.get, (r for r, _ in failed)) and len(found) == 1:
+        raise bad_input[failed[0][0]] from None  # every rank found the same bad input
     if failed:
         lines = [f"rank {r}: {messages.get(r) or _describe_exit(code)}" for r, code in failed]
         raise ProcessFailure(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
@@ -188,16 +250,28 @@ def _worker(rank, env, backend, timeout, fn, args, errors, lifeline):
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     try:
         # Our own store, so that slow process start-up does not count against ``timeout``.
-        store = dist.TCPStore(
-            env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
-            is_master=rank == 0, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT),
-        )
+        with rendezvous(RENDEZVOUS_TIMEOUT):
+            store = dist.TCPStore(
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]),
+                is_master=rank == 0, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT),
+            )
         setup(backend, timeout, store)
         fn(*args)
     except BaseException as err:  # report, then exit non-zero
-        traceback.print_exc()
-        errors.put((rank, f"{type(err).__name__}: {err}"))
+        bad_input = _portable(err) if isinstance(err, ValueError) else None
+        if bad_input is None:  # bad settings or data are one line, which the launcher prints
+            traceback.print_exc()
+        errors.put((rank, f"{type(err).__name__}: {err}", bad_input))
         sys.stdout.flush()
         os._exit(1)
     finally:
         teardown()
+
+
+def _portable(error: Exception) -> Exception | None:
+    """``error`` if it survives pickling (to be raised again by the launcher), else None."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return None
+    return error
