@@ -192,6 +192,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and not value > 0:
             raise ValueError(f"{key} must be > 0 (or left unset); got {value!r}")
+    if not 0 <= config.seed < 2**63:  # what torch's and the feedback's generators take
+        raise ValueError(f"seed must be an integer in [0, 2**63); got {config.seed}")
     for key in ("workers", "log_alignment"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be >= 0; got {getattr(config, key)}")

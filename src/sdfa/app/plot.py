@@ -103,6 +103,9 @@ def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epo
         raise ValueError(f"x must be one of {', '.join(X_AXES)}; got {x!r}")
     if alignment not in ALIGNMENT:
         raise ValueError(f"alignment must be one of {', '.join(ALIGNMENT)}; got {alignment!r}")
+    out = Path(out)
+    if not out.parent.is_dir():  # a mistyped folder is not made: the figure would be lost there
+        raise ValueError(f"cannot write {out}: the folder {out.parent} does not exist")
     runs = [read_metrics(d) for d in run_dirs]
     x_key = X_AXES[x][0]
     for run_dir, columns in zip(run_dirs, runs, strict=True):
@@ -124,8 +127,6 @@ def plot_runs(run_dirs, out: str | Path, title: str | None = None, x: str = "epo
     _metrics_row(top, metrics, x)
     if title:
         fig.suptitle(title)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
 

@@ -21,7 +21,7 @@ class EpochBatches(Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
