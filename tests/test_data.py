@@ -4,13 +4,17 @@ wrong magic; downloads with checksum verification; the batch transforms."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
+import http.server
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -19,8 +23,9 @@ from PIL import Image
 
 from sdfa import data as sdfa_data
 from sdfa.app.cli import main
-from sdfa.data import DataError, load_dataset, prepare_batch, random_crop_flip
+from sdfa.data import DataError, idx, load_dataset, prepare_batch, random_crop_flip
 from sdfa.data.files import RemoteFile, download
+from sdfa.distributed.launch import free_port
 
 RNG = np.random.default_rng(0)
 
@@ -33,12 +38,13 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(directory, n_train=20, n_test=10, compress=True):
-    """MNIST-format files with ``n_train`` / ``n_test`` samples; returns the arrays written."""
+def write_mnist(directory, n_train=20, n_test=10, compress=True, sizes=(28, 28)):
+    """MNIST-format files with ``n_train`` / ``n_test`` samples of ``sizes`` (train, test)
+    pixels square; returns the arrays written."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    for prefix, n, size in (("train", n_train, sizes[0]), ("t10k", n_test, sizes[1])):
+        images = RNG.integers(0, 256, (n, size, size), dtype=np.uint8)
         labels = RNG.integers(0, 10, n, dtype=np.uint8)
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             raw = idx_bytes(array)
@@ -164,6 +170,60 @@ def test_cli_reports_bad_file_in_one_line(tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("sizes, wrong", [((28, 14), "t10k"), ((14, 14), "train")])
+def test_idx_images_of_another_size_are_refused_at_load(tmp_path, capsys, sizes, wrong):
+    write_mnist(tmp_path / "data", sizes=sizes)
+    message = (f"{tmp_path / 'data' / wrong}-images-idx3-ubyte.gz: images of 14 x 14 pixels; "
+               "this data set's are 28 x 28")
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset("mnist", tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--quiet"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"sdfa train: error: {message}\n"
+    assert not out.exists()  # refused before any training
+
+
+@pytest.mark.parametrize("split, counts", [("train", (0, 10)), ("test", (20, 0))])
+def test_idx_empty_split_is_named(tmp_path, split, counts):
+    write_mnist(tmp_path, *counts)
+    prefix = idx.SPLITS[split]
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / prefix}-images-idx3-ubyte.gz: the {split} split is empty (0 images)")):
+        load_dataset("fashion-mnist", tmp_path)
+
+
+def test_a_folder_or_broken_link_in_place_of_a_file_is_said(tmp_path):
+    write_mnist(tmp_path)
+    labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    labels.unlink()
+    labels.mkdir()
+    for fetch in (False, True):  # no download can fix it
+        with pytest.raises(DataError) as info:
+            load_dataset("mnist", tmp_path, download=fetch)
+        assert str(info.value) == (f"{labels} is a folder, not a data file: put the official "
+                                   "file there instead")
+    labels.rmdir()
+    labels.symlink_to(tmp_path / "gone.gz")
+    with pytest.raises(DataError, match=re.escape(
+            f"{labels} is a broken symbolic link (to {tmp_path / 'gone.gz'}), not a data file")):
+        load_dataset("mnist", tmp_path)
+    assert "not a data file" in sdfa_data.missing_message("mnist", tmp_path)  # sdfa reproduce
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'file'} is a file, not a folder of mnist files")):
+        load_dataset("mnist", tmp_path / "file")
+
+
+def test_digits_refuses_a_data_dir(tmp_path, capsys):
+    with pytest.raises(ValueError, match="'digits' is embedded in scikit-learn and reads no files"):
+        load_dataset("digits", tmp_path)
+    assert main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdfa train: error: data set 'digits' is embedded")
+    assert len(err.strip().splitlines()) == 1
+
+
 # -- CIFAR-10 / CIFAR-100 ----------------------------------------------------------------------
 
 
@@ -224,6 +284,66 @@ def test_cifar_wrong_content(tmp_path):
     write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
     with pytest.raises(DataError, match=r"data_batch_2\): 'data' must be an N x 3072 uint8 array"):
         load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.arange(8, dtype=np.float64) % 10, "labels must be integers (class indices); got float64"),
+    ([0.0, 1.5] * 4, "labels must be integers (class indices); got float64"),
+    ([True, False] * 4, "labels must be integers (class indices); got bool"),
+    ([3] * 7 + [10], "labels must lie in 0..9"),
+])
+def test_cifar_labels_must_be_class_indices(tmp_path, labels, message):
+    members = cifar10_members()
+    batch = cifar_batch(8)
+    batch[b"labels"] = labels
+    members["data_batch_4"] = pickle.dumps(batch, protocol=2)
+    write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", members)
+    with pytest.raises(DataError, match=re.escape(f"(member data_batch_4): {message}")):
+        load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("form", ["archive", "folder"])
+def test_cifar_missing_batch_is_named(tmp_path, form):
+    members = cifar10_members()
+    del members["data_batch_3"]
+    if form == "archive":
+        where = tmp_path / "cifar-10-python.tar.gz"
+        write_cifar_archive(where, "cifar-10-batches-py", members)
+    else:
+        where = tmp_path / "cifar-10-batches-py"
+        where.mkdir()
+        for name, raw in members.items():
+            (where / name).write_bytes(raw)
+    message = (f"{where}: training batch data_batch_3 is missing (found data_batch_1, "
+               "data_batch_2, data_batch_4, data_batch_5)")
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset("cifar10", tmp_path)
+    if form == "folder":  # a folder in place of the batch file is said as such
+        (where / "data_batch_3").mkdir()
+        with pytest.raises(DataError, match=re.escape(
+                f"{where / 'data_batch_3'} is a folder, not a CIFAR batch file")):
+            load_dataset("cifar10", tmp_path)
+
+
+def test_cifar_archive_that_is_a_folder_is_said(tmp_path):
+    (tmp_path / "cifar-100-python.tar.gz").mkdir()
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 'cifar-100-python.tar.gz'} is a folder, not a data file")):
+        load_dataset("cifar100", tmp_path, download=True)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar_empty_split_is_named(tmp_path, split):
+    members = {
+        "train": pickle.dumps(cifar_batch(0 if split == "train" else 4, "fine_labels", 100)),
+        "test": pickle.dumps(cifar_batch(0 if split == "test" else 4, "fine_labels", 100)),
+    }
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    write_cifar_archive(archive, "cifar-100-python", members)
+    name = "training" if split == "train" else "test"
+    with pytest.raises(DataError, match=re.escape(
+            f"{archive}: the {name} split is empty ({split} hold")):
+        load_dataset("cifar100", tmp_path)
 
 
 class _Exploit:
@@ -297,32 +417,102 @@ def test_digits_split_is_fixed():
     assert resized.input_shape == (1, 32, 32) and len(resized.train) == 100
 
 
-def test_download_checks_md5(tmp_path):
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve():
+    """``serve(folder)``: the base URL of a local HTTP server of the files in ``folder``."""
+    servers = []
+
+    def start(folder) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_checks_md5(tmp_path, serve):
     source = tmp_path / "src" / "file.gz"
     source.parent.mkdir()
     source.write_bytes(b"payload")
     md5 = hashlib.md5(b"payload").hexdigest()
-    good = download(RemoteFile("file.gz", (source.as_uri(),), md5), tmp_path / "cache")
+    url = serve(source.parent) + "file.gz"
+    good = download(RemoteFile("file.gz", (url,), md5), tmp_path / "cache")
     assert good.read_bytes() == b"payload"
     with pytest.raises(DataError, match="MD5 .* expected 0000"):
-        download(RemoteFile("other.gz", (source.as_uri(),), "0" * 32), tmp_path / "cache")
+        download(RemoteFile("other.gz", (url,), "0" * 32), tmp_path / "cache")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["file.gz"]
 
 
-def test_download_then_load(tmp_path, monkeypatch):
+def test_download_tries_the_mirrors_in_order(tmp_path, serve):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder, payload in ((good, b"payload"), (bad, b"tampered")):
+        folder.mkdir()
+        (folder / "file.gz").write_bytes(payload)
+    md5 = hashlib.md5(b"payload").hexdigest()
+    dead = f"http://127.0.0.1:{free_port()}/file.gz"  # nothing listens there
+    corrupt, missing = serve(bad) + "file.gz", serve(good) + "absent.gz"
+    remote = RemoteFile("file.gz", (dead, corrupt, missing, serve(good) + "file.gz"), md5)
+    assert download(remote, tmp_path / "cache").read_bytes() == b"payload"
+
+    remote = RemoteFile("file.gz", (dead, corrupt, missing), md5)
+    with pytest.raises(DataError) as info:
+        download(remote, tmp_path / "other")
+    message = str(info.value)
+    assert message.startswith(f"could not download file.gz: {dead}: ")
+    assert f"; {corrupt}: MD5 {hashlib.md5(b'tampered').hexdigest()}, expected {md5}; " in message
+    assert f"; {missing}: 404" in message and len(message.splitlines()) == 1
+    assert list((tmp_path / "other").iterdir()) == []  # no partial download left
+
+
+def test_a_complete_copy_is_not_downloaded_again(tmp_path):
+    (tmp_path / "file.gz").write_bytes(b"payload")
+    offline = f"http://127.0.0.1:{free_port()}/file.gz"
+    remote = RemoteFile("file.gz", (offline,), hashlib.md5(b"payload").hexdigest())
+    assert download(remote, tmp_path).read_bytes() == b"payload"
+
+
+def _serve_mnist(tmp_path, monkeypatch, serve, url_of=lambda base, name: base + name):
     write_mnist(tmp_path / "mirror")
     spec = sdfa_data.DATASETS["mnist"]
+    base = serve(tmp_path / "mirror")
     files = tuple(
-        RemoteFile(f.name, ((tmp_path / "mirror" / f.name).as_uri(),),
+        RemoteFile(f.name, (url_of(base, f.name),),
                    hashlib.md5((tmp_path / "mirror" / f.name).read_bytes()).hexdigest())
         for f in spec.files
     )
     monkeypatch.setitem(sdfa_data.DATASETS, "mnist", dataclasses.replace(spec, files=files))
     monkeypatch.setenv("SDFA_DATA", str(tmp_path / "cache"))
+    return files
+
+
+def test_download_then_load(tmp_path, monkeypatch, serve):
+    files = _serve_mnist(tmp_path, monkeypatch, serve)
     with pytest.raises(DataError, match="was not found"):
         load_dataset("mnist")
     data = load_dataset("mnist", download=True)
     assert len(data.train) == 20 and (tmp_path / "cache" / "mnist" / files[0].name).exists()
+
+
+def test_failed_download_says_how_to_fetch_by_hand(tmp_path, monkeypatch, serve):
+    _serve_mnist(tmp_path, monkeypatch, serve, lambda base, name: base + "moved/" + name)
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", download=True)
+    first, *manual = str(info.value).splitlines()
+    assert first.startswith("could not download train-images-idx3-ubyte.gz: http://")
+    assert "404" in first
+    assert manual[:2] == [f"data set 'mnist' was not found in {tmp_path / 'cache' / 'mnist'}.",
+                          "Download these files:"]
+    assert "--download" not in str(info.value)  # it was just tried
 
 
 def test_random_crop_flip_is_a_shifted_window():

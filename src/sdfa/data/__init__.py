@@ -3,7 +3,10 @@
 Every data set is read from its official file format by the loaders of this package (no
 torchvision). Without ``data_dir`` files are looked for in ``data_root()/<name>`` (``$SDFA_DATA``
 or ``~/.cache/sdfa``); ``download=True`` fetches the official files there and checks their MD5.
-A folder may hold fewer samples than the official files (same format): it loads as it is.
+A folder may hold fewer samples than the official files (same format; for CIFAR-10 the first k
+batches): it loads as it is. What cannot be trained on is refused at load time, naming the file:
+images of another size than the data set's, an empty split, labels that are not class indices,
+a gap in the CIFAR-10 batches, a folder or broken link where a file belongs.
 """
 
 from __future__ import annotations
@@ -182,9 +185,13 @@ def is_present(name: str, data_dir: str | Path | None = None) -> bool:
 
 
 def missing_message(name: str, data_dir: str | Path | None = None, offer_download=True) -> str:
-    """What to download and where to put it, for a data set that is not present."""
+    """What to download and where to put it, for a data set that is not present; or, when
+    something else stands where a file or folder of it belongs, what that is."""
     spec = _spec(name)
     directory = dataset_dir(name, data_dir)
+    blocked = _obstacle(spec, directory)
+    if blocked:
+        return blocked
     if not spec.files:
         return f"data set {name!r} was not found in {directory}. {spec.note}"
     missing = list(spec.files)
@@ -194,6 +201,27 @@ def missing_message(name: str, data_dir: str | Path | None = None, offer_downloa
     return missing_files_message(
         name, directory, missing or list(spec.files), spec.note, offer_download, partial
     )
+
+
+def _obstacle(spec: DatasetSpec, directory: Path) -> str | None:
+    """"PATH is a folder, not ..." for a folder, file or broken link where the data set (that is
+    not present) needs a file or a folder; None when there is none."""
+    found = files.obstacle(directory, "folder")
+    if found:
+        return f"{directory} is {found}, not a folder of {spec.name} files"
+    wanted: list[Path] = []
+    if spec.format == "idx":
+        names = [n for s in idx.SPLITS for n in idx.file_names(s) if not idx.find(directory, n)]
+        wanted = [directory / f"{n}{gz}" for n in names for gz in (".gz", "")]
+    elif spec.format in cifar.VARIANTS:
+        variant = cifar.VARIANTS[spec.format]
+        wanted = [directory / variant.archive, directory / variant.test,
+                  directory / variant.folder / variant.test]
+    for path in wanted:
+        found = files.obstacle(path)
+        if found:
+            return f"{path} is {found}, not a data file: put the official file there instead"
+    return None
 
 
 def load_dataset(
@@ -222,7 +250,14 @@ def load_dataset(
     directory = dataset_dir(name, data_dir)
     if spec.format == "folder" and data_dir is None:
         raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
+    if spec.format == "digits" and data_dir is not None:  # refused: the files would be ignored
+        raise ValueError(
+            f"data set 'digits' is embedded in scikit-learn and reads no files, so --data-dir "
+            f"{data_dir} would be ignored: leave it out, or choose the data set that is there"
+        )
     if not is_present(name, data_dir):
+        if _obstacle(spec, directory):  # no download can fix that
+            raise DataError(missing_message(name, data_dir))
         if download and spec.files:
             try:
                 for remote in spec.files:
@@ -239,7 +274,8 @@ def load_dataset(
         train, test = digits.load()
         value_range = 16.0
     elif spec.format == "idx":
-        train, test = idx.load_split(directory, "train"), idx.load_split(directory, "test")
+        size = spec.image_shape[1:]
+        train, test = (idx.load_split(directory, s, spec.num_classes, size) for s in idx.SPLITS)
     elif spec.format == "folder":
         size = image_size or DEFAULT_FOLDER_SIZE
         train, test, classes = folder.load(directory, size)

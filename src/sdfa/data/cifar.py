@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .core import DataError, TensorSplit
+from .files import obstacle
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -124,9 +125,24 @@ class _Source:
             raise DataError(f"{self.archive}: corrupt or truncated archive ({error})") from None
 
     def names(self) -> list[str]:
+        """The training batches there; a gap (data_batch_3 absent, data_batch_4 present) is an
+        error, while the first k batches alone are a smaller data set of the same format."""
         if self.folder is not None:
-            return [n for n in self.variant.train if (self.folder / n).is_file()]
-        return [n for n in self.variant.train if n in self.members]
+            for name in self.variant.train:
+                found = obstacle(self.folder / name)
+                if found:
+                    raise DataError(f"{self.folder / name} is {found}, not a CIFAR batch file")
+            names = [n for n in self.variant.train if (self.folder / n).is_file()]
+        else:
+            names = [n for n in self.variant.train if n in self.members]
+        expected = self.variant.train[: self.variant.train.index(names[-1]) + 1] if names else ()
+        missing = [n for n in expected if n not in names]
+        if missing:
+            raise DataError(
+                f"{self.archive or self.folder}: training batch {', '.join(missing)} is missing "
+                f"(found {', '.join(names)}): the files are incomplete; download them again"
+            )
+        return names
 
     def read(self, name: str) -> tuple[bytes, str] | None:
         if self.folder is not None:
@@ -161,6 +177,8 @@ def _batch(source: _Source, name: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if labels.shape != (len(data),):
         raise DataError(f"{where}: {len(data)} images but {labels.size} labels")
+    if labels.size and labels.dtype.kind not in "iu":  # a float or bool label is not a class
+        raise DataError(f"{where}: labels must be integers (class indices); got {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= source.variant.num_classes):
         raise DataError(f"{where}: labels must lie in 0..{source.variant.num_classes - 1}")
     return data, labels
@@ -177,6 +195,12 @@ def load(directory: Path, name: str) -> tuple[TensorSplit, TensorSplit, tuple[st
         )
     train = [_batch(source, n) for n in train_names]
     test = _batch(source, variant.test)
+    if not sum(len(d) for d, _ in train):
+        raise DataError(f"{source.archive or source.folder}: the training split is empty "
+                        f"({', '.join(train_names)} hold 0 images)")
+    if not len(test[0]):
+        raise DataError(f"{source.archive or source.folder}: the test split is empty "
+                        f"({variant.test} holds 0 images)")
 
     def split(parts):
         data = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)

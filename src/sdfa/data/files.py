@@ -1,21 +1,22 @@
 """Finding, downloading and checking data files.
 
 Downloads go to a cache directory (``$SDFA_DATA``, else ``~/.cache/sdfa``), one folder per
-data set, through a temporary file that is checked against the official MD5 before it takes the
-official name; so a file under its official name in the cache is always complete.
+data set. pooch fetches each file into a temporary file and checks it against the official MD5
+before it takes the official name; so a file under its official name in the cache is always
+complete. Mirrors are tried in order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
-import urllib.request
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core import DataError
+
+TIMEOUT = 60  # seconds without an answer before a mirror counts as down
 
 
 @dataclass(frozen=True)
@@ -32,42 +33,41 @@ def data_root() -> Path:
     return Path(os.environ.get("SDFA_DATA") or Path.home() / ".cache" / "sdfa")
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(remote: RemoteFile, directory: Path) -> Path:
-    """Fetch ``remote`` into ``directory`` (trying each URL) and verify its MD5.
+    """Fetch ``remote`` into ``directory`` (trying each URL in turn) and verify its MD5; a copy
+    already there with the right MD5 is kept.
 
     Raises:
         DataError: no URL answered, or every copy had the wrong checksum.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / remote.name
-    if target.exists() and md5sum(target) == remote.md5:
-        return target
+    import pooch  # imported here: it brings in requests, which a run without downloads skips
+
+    fetch = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=TIMEOUT)
     problems = []
     for url in remote.urls:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{remote.name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                shutil.copyfileobj(response, out, 1 << 20)
-            got = md5sum(Path(tmp))
-            if got != remote.md5:
-                problems.append(f"{url}: MD5 {got}, expected {remote.md5}")
-                continue
-            os.replace(tmp, target)
-            return target
-        except OSError as error:  # URLError, timeouts and HTTP errors are OSErrors
+            path = pooch.retrieve(url, known_hash=f"md5:{remote.md5}", fname=remote.name,
+                                  path=directory, downloader=fetch)
+            return Path(path)
+        except ValueError as error:  # pooch: the MD5 differs (the copy is deleted)
+            got = re.search(r"but got (\w+)", str(error))
+            problems.append(f"{url}: MD5 {got[1]}, expected {remote.md5}" if got
+                            else f"{url}: {error}")
+        except OSError as error:  # requests' connection, timeout and HTTP errors are OSErrors
             problems.append(f"{url}: {error}")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     raise DataError(f"could not download {remote.name}: " + "; ".join(problems))
+
+
+def obstacle(path: Path, want: str = "file") -> str | None:
+    """What stands at ``path`` in place of the ``want`` ("file" or "folder") that a data set
+    needs there, e.g. "a folder"; None when it is one, or when nothing is there."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if not path.exists() or (path.is_dir() if want == "folder" else path.is_file()):
+        return None
+    if path.is_dir():
+        return "a folder"
+    return "a file" if path.is_file() else "not a regular file"
 
 
 def missing_files_message(

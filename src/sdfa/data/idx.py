@@ -71,8 +71,11 @@ def find(directory: Path, name: str) -> Path | None:
     return None
 
 
-def load_split(directory: Path, split: str, num_classes: int = 10) -> TensorSplit:
-    """One split of an MNIST-format data set in ``directory`` (any number of samples)."""
+def load_split(
+    directory: Path, split: str, num_classes: int = 10, size: tuple[int, int] | None = None
+) -> TensorSplit:
+    """One split of an MNIST-format data set in ``directory`` (any number of samples, at least
+    one); ``size``: the (height, width) its images must have (the model is built for it)."""
     names = file_names(split)
     paths = [find(directory, name) for name in names]
     for name, path in zip(names, paths, strict=True):
@@ -83,6 +86,13 @@ def load_split(directory: Path, split: str, num_classes: int = 10) -> TensorSpli
     if len(images) != len(labels):
         raise DataError(
             f"{paths[0]} holds {len(images)} images but {paths[1]} holds {len(labels)} labels"
+        )
+    if not len(images):
+        raise DataError(f"{paths[0]}: the {split} split is empty (0 images)")
+    if size is not None and images.shape[1:] != tuple(size):
+        raise DataError(
+            f"{paths[0]}: images of {' x '.join(map(str, images.shape[1:]))} pixels; this data "
+            f"set's are {' x '.join(map(str, size))}"
         )
     if labels.size and labels.max() >= num_classes:
         raise DataError(f"{paths[1]}: label {labels.max()} is out of range 0..{num_classes - 1}")
