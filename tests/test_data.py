@@ -15,6 +15,7 @@ import re
 import struct
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +214,21 @@ def test_a_folder_or_broken_link_in_place_of_a_file_is_said(tmp_path):
     with pytest.raises(DataError, match=re.escape(
             f"{tmp_path / 'file'} is a file, not a folder of mnist files")):
         load_dataset("mnist", tmp_path / "file")
+
+
+def test_unreadable_file_is_named(tmp_path, monkeypatch):
+    write_mnist(tmp_path)
+    real = Path.read_bytes
+
+    def read_bytes(path):
+        if path.name.startswith("t10k-labels"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # as root, chmod would not stop it
+    with pytest.raises(DataError, match=re.escape(
+            f"{tmp_path / 't10k-labels-idx1-ubyte.gz'}: cannot read it (Permission denied)")):
+        load_dataset("mnist", tmp_path)
 
 
 def test_digits_refuses_a_data_dir(tmp_path, capsys):

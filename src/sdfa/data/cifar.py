@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .core import DataError, TensorSplit
-from .files import obstacle
+from .files import obstacle, read_bytes
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -147,7 +147,7 @@ class _Source:
     def read(self, name: str) -> tuple[bytes, str] | None:
         if self.folder is not None:
             path = self.folder / name
-            return (path.read_bytes(), str(path)) if path.is_file() else None
+            return (read_bytes(path), str(path)) if path.is_file() else None
         if name in self.members:
             return self.members[name], f"{self.archive} (member {name})"
         return None

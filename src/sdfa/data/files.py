@@ -58,6 +58,14 @@ def download(remote: RemoteFile, directory: Path) -> Path:
     raise DataError(f"could not download {remote.name}: " + "; ".join(problems))
 
 
+def read_bytes(path: Path) -> bytes:
+    """The content of the data file ``path``; an unreadable one is a DataError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:  # e.g. permission denied, an I/O error of the disk
+        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+
 def obstacle(path: Path, want: str = "file") -> str | None:
     """What stands at ``path`` in place of the ``want`` ("file" or "folder") that a data set
     needs there, e.g. "a folder"; None when it is one, or when nothing is there."""

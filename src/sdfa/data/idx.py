@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .core import DataError, TensorSplit
+from .files import read_bytes
 
 UBYTE = 0x08
 IMAGES, LABELS = 3, 1  # number of dimensions
@@ -36,7 +37,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     Raises:
         DataError: unreadable gzip, wrong magic number, or a size that disagrees with the header.
     """
-    raw = Path(path).read_bytes()
+    raw = read_bytes(path)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
