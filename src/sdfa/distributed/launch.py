@@ -35,6 +35,7 @@ from .comm import PeerFailure
 DEFAULT_TIMEOUT = 60.0  # seconds a rank waits for a peer before giving up
 RENDEZVOUS_TIMEOUT = 300.0  # seconds spawned processes may take to start and meet
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ProcessFailure(RuntimeError):
@@ -196,9 +197,9 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
         rank, message, error = errors.get()
         messages[rank], bad_input[rank] = message, error
     failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
-    found = {str(bad_input.get(rank)) for rank, _ in failed}
-    if failed and None not in map(bad_input.get, (r for r, _ in failed)) and len(found) == 1:
-        raise bad_input[failed[0][0]] from None  # every rank found the same bad input
+    raised = [bad_input.get(rank) for rank, _ in failed]
+    if raised and None not in raised and len({str(e) for e in raised}) == 1:
+        raise raised[0] from None  # every rank found the same bad input
     if failed:
         lines = [f"rank {r}: {messages.get(r) or _describe_exit(code)}" for r, code in failed]
         raise ProcessFailure(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
@@ -240,9 +241,6 @@ def _watch(lifeline) -> None:
     except (EOFError, OSError):
         pass
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _worker(rank, env, backend, timeout, fn, args, errors, lifeline):
