@@ -204,8 +204,8 @@ def missing_message(name: str, data_dir: str | Path | None = None, offer_downloa
 
 
 def _obstacle(spec: DatasetSpec, directory: Path) -> str | None:
-    """"PATH is a folder, not ..." for a folder, file or broken link where the data set (that is
-    not present) needs a file or a folder; None when there is none."""
+    """The error for a folder, file or broken link where the data set (not present) needs a
+    file or a folder: download advice would mislead there. None when there is none."""
     found = files.obstacle(directory, "folder")
     if found:
         return f"{directory} is {found}, not a folder of {spec.name} files"

@@ -138,9 +138,11 @@ class _Source:
         expected = self.variant.train[: self.variant.train.index(names[-1]) + 1] if names else ()
         missing = [n for n in expected if n not in names]
         if missing:
+            batches = "batch " if len(missing) == 1 else "batches "
             raise DataError(
-                f"{self.archive or self.folder}: training batch {', '.join(missing)} is missing "
-                f"(found {', '.join(names)}): the files are incomplete; download them again"
+                f"{self.archive or self.folder}: training {batches}{', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing (found {', '.join(names)}): the "
+                "files are incomplete; download them again"
             )
         return names
 
