@@ -86,7 +86,7 @@ class PrivacyCallback(Callback):
         # Poisson sampling draws from the loader's generator: seed it with the run.
         loader = trainer.train_loader
         if loader.generator is not None:
-            loader.generator.manual_seed((1_000_003 * c.seed + 1) % 2**64)
+            loader.generator.manual_seed(1_000_003 * c.seed + 1)
         self.engine = PrivacyEngine(accountant=c.accountant)
         common = dict(module=trainer.model, optimizer=trainer.optimizer, data_loader=loader,
                       method=c.privacy, noise_generator=self.noise, **c.privacy_options)
