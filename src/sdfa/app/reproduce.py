@@ -97,10 +97,15 @@ def _crafton2019() -> ExperimentSet:
                    quick={})
     mnist_fc = {**adam, "dataset": "mnist", "model": "crafton-mnist-fc", "epochs": 300,
                 "batch_size": 32}
-    exps += _rules(mnist_fc, rules([1, 2, 5], 1e-3), "MNIST, FC 784-400-10")
     mnist_conv = {**adam, "dataset": "mnist", "model": "crafton-mnist-conv", "epochs": 100,
                   "batch_size": 64}
-    exps += _rules(mnist_conv, rules([1], 1e-4), "MNIST, conv 32-64 + FC 12544-128-10")
+    # Fashion-MNIST (real, 60k + 10k; Debian's dataset-fashion-mnist) with the MNIST protocols.
+    for dataset, name in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        quick = {"epochs": 10} if dataset == "fashion-mnist" else None
+        exps += _rules({**mnist_fc, "dataset": dataset}, rules([1, 2, 5], 1e-3),
+                       f"{name}, FC 784-400-10", quick=quick)
+        exps += _rules({**mnist_conv, "dataset": dataset}, rules([1], 1e-4),
+                       f"{name}, conv 32-64 + FC 12544-128-10", skip_quick=dataset != "mnist")
     for dataset, classes, ks in (("cifar10", 10, [1, 2, 5]), ("cifar100", 100, [1, 10, 50])):
         name = "CIFAR-10" if classes == 10 else "CIFAR-100"
         fc = {**adam, "dataset": dataset, "model": "crafton-cifar-fc", "eps": 1e-5,
@@ -190,6 +195,10 @@ def _biotorch_benchmark() -> ExperimentSet:
              "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 64, "epochs": 100,
              "lr_schedule": "multistep", "lr_milestones": [50, 75], "augment": False}
     exps += _per_rule(mnist, "MNIST, LeNet", rules, LENET_LR, BIOTORCH["lenet-mnist"])
+    # Fashion-MNIST (real, 60k + 10k) with the MNIST protocol; --quick: 10 epochs, lr / 10 at
+    # epochs 5 and 8 (the protocol's schedule shrunk by 10).
+    exps += _per_rule({**mnist, "dataset": "fashion-mnist"}, "Fashion-MNIST, LeNet", rules,
+                      LENET_LR, quick={"epochs": 10, "lr_milestones": [5, 8]})
     cifar = {**CIFAR_SGD, "dataset": "cifar10", "model": "resnet20"}
     exps += _per_rule(cifar, "CIFAR-10, ResNet-20", rules, RESNET_LR, BIOTORCH["resnet20"])
     return ExperimentSet(
