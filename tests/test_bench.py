@@ -18,7 +18,7 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["meta"]["threads"] == 1 and "load_average_start" in report["meta"]
     rows = {r["contender"]: r for r in report["results"]}
-    assert list(rows) == ["autograd", "bp", "dfa", "dfa-k1"]
+    assert list(rows) == ["autograd", "bp", "dfa", "dfa:k=1"]  # dfa-k1: the old spelling
     for r in rows.values():
         assert r["workload"] == "tiny" and len(r["step_seconds"]) == 2
         assert r["samples_per_s"] > 0 and r["peak_memory_bytes"] > 0
@@ -29,7 +29,7 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     # gathers one entry of e per hidden neuron (64, counted as MACs by the cost model).
     assert rows["bp"]["mac_bound"] == 1.0
     assert rows["dfa"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 640))
-    assert rows["dfa-k1"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 64))
+    assert rows["dfa:k=1"]["mac_bound"] == pytest.approx((2 * 3392 + 1344) / (2 * 3392 + 64))
     assert {t["target"] for t in report["targets"]} >= {"sdfa bp speed / autograd"}
 
 
@@ -54,7 +54,8 @@ def test_peak_memory_counts_gradients_and_activations():
 
 
 def test_contender_names():
-    assert bench.parse_contender("dfa-k3") == bench.Contender("dfa-k3", "sdfa", "dfa", {"k": 3})
+    assert bench.parse_contender("dfa-k3") == bench.Contender("dfa:k=3", "sdfa", "dfa", {"k": 3})
+    assert bench.parse_contender("dfa:k=3") == bench.parse_contender("dfa-k3")
     assert bench.parse_contender("dfa-r2").options == {"rank": 2}
     assert bench.parse_contender("biotorch-usf").library == "biotorch"
     assert bench.parse_contender("autograd").library == "torch"
@@ -99,7 +100,7 @@ def test_targets_are_judged_from_the_figures():
         row("mlp", "bp", 0.98),
         row("mlp", "fa", 0.85),
         row("mlp", "dfa", 1.2, bound=1.27, memory=90),  # mlp is the depth-2 point too
-        row("mlp", "dfa-k1", 1.25, bound=1.3),
+        row("mlp", "dfa:k=1", 1.25, bound=1.3),
         row("mlp", "biotorch-dfa", 0.9),
         *(
             row(w, c, r)

@@ -552,3 +552,23 @@ def test_prepare_batch_normalizes():
     assert x.dtype == torch.float32
     assert x.mean().item() == pytest.approx(0, abs=1e-5)
     assert x.std().item() == pytest.approx(1, abs=1e-3)
+
+
+def test_fashion_mnist_is_read_from_its_system_folder_when_the_cache_lacks_it(
+        tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist installs the IDX files in /usr/share/datasets: used after
+    --data-dir and the cache folder, never before them."""
+    cache, system = tmp_path / "cache", tmp_path / "system"
+    monkeypatch.setenv("SDFA_DATA", str(cache))
+    spec = sdfa_data.DATASETS["fashion-mnist"]
+    monkeypatch.setitem(sdfa_data.DATASETS, "fashion-mnist",
+                        dataclasses.replace(spec, system_dirs=(str(system),)))
+    assert not sdfa_data.is_present("fashion-mnist")
+    assert sdfa_data.dataset_dir("fashion-mnist") == cache / "fashion-mnist"
+    written = write_mnist(system, n_train=12, n_test=6)
+    assert sdfa_data.dataset_dir("fashion-mnist") == system
+    data = load_dataset("fashion-mnist")
+    assert torch.equal(data.train.labels, torch.from_numpy(written["train"][1]).long())
+    write_mnist(cache / "fashion-mnist", n_train=8, n_test=4)  # the cache comes first
+    assert len(load_dataset("fashion-mnist").train) == 8
+    assert len(load_dataset("fashion-mnist", data_dir=system).train) == 12

@@ -58,7 +58,7 @@ def test_cli_smoke_run(tmp_path, capsys):
     args = ["--out", str(out), "--epochs", "2", "--rule", "dfa", "--k", "1", *FAST]
     assert main(["train", *args]) == 0
     printed = capsys.readouterr().out
-    assert "dfa k=1 on digits (mlp): test accuracy" in printed and str(out) in printed
+    assert "dfa:k=1 on digits (mlp): test accuracy" in printed and str(out) in printed
 
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)

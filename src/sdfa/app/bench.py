@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
 from ..convert import convert
@@ -41,6 +42,7 @@ from ..costs import costs
 from ..models import build_model
 from ..models.mlp import mlp
 from ..rules import RULES
+from ..specs import format_rule_spec, parse_rule_spec
 
 LEARNING_RATE = 1e-3
 REFERENCE = "autograd"
@@ -95,7 +97,7 @@ GROUPS = {
     "conv": ["cifar-conv"],
 }
 GROUPS["all"] = [w for g in ("main", "depth", "width", "conv") for w in GROUPS[g]]
-DEFAULT_CONTENDERS = ["autograd", "bp", "fa", "usf", "dfa", "dfa-k1", "dfa-r2"]
+DEFAULT_CONTENDERS = ["autograd", "bp", "fa", "usf", "dfa", "dfa:k=1", "dfa:rank=2"]
 BIOTORCH_CONTENDERS = [f"biotorch-{r}" for r in ("bp", "fa", "usf", "dfa")]
 
 
@@ -110,19 +112,27 @@ class Contender:
 
 
 def parse_contender(label: str) -> Contender:
-    """Parse ``autograd``, a rule name, ``dfa-k<K>``, ``dfa-r<R>`` or ``biotorch-<rule>``."""
+    """Parse ``autograd``, a rule spec (``dfa``, ``dfa:k=1``, ``usf:scale=1.0``) or
+    ``biotorch-<rule>``. ``dfa-k<K>`` / ``dfa-r<R>`` are the old spellings of ``dfa:k=K`` /
+    ``dfa:rank=R``; a contender is labelled by its spec."""
     if label == REFERENCE:
         return Contender(label, "torch", "bp")
-    if label in RULES:
-        return Contender(label, "sdfa", label)
-    if m := re.fullmatch(r"dfa-([kr])([1-9]\d*)", label):
-        return Contender(label, "sdfa", "dfa", {"k" if m[1] == "k" else "rank": int(m[2])})
     if label.startswith("biotorch-") and label[9:] in BIOTORCH_MODES:
         return Contender(label, "biotorch", label[9:])
-    raise ValueError(
-        f"unknown contender {label!r}; use autograd, a rule ({', '.join(sorted(RULES))}), "
-        "dfa-k<K>, dfa-r<R> or biotorch-<bp|fa|usf|dfa>"
-    )
+    if m := re.fullmatch(r"dfa-([kr])([1-9]\d*)", label):
+        label = f"dfa:{'k' if m[1] == 'k' else 'rank'}={m[2]}"
+    name, options = parse_rule_spec(label)
+    if name not in RULES or any(k in ("k", "rank") and not _positive(v)
+                                for k, v in options.items()):
+        raise ValueError(
+            f"unknown contender {label!r}; use autograd, a rule spec such as dfa:k=1 (rules: "
+            f"{', '.join(sorted(RULES))}) or biotorch-<bp|fa|usf|dfa>"
+        )
+    return Contender(format_rule_spec(name, options), "sdfa", name, options)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def biotorch_available() -> bool:
@@ -266,16 +276,17 @@ def bench_workload(
     per_round = max(1, min(50, round(round_time / (now() - start))))
 
     labels = list(steps)
+    # torch.utils.benchmark's Timer times each round (it synchronizes CUDA and keeps the thread
+    # count); the interleaving and rotation of contenders between rounds is ours.
+    timers = {
+        label: Timer("step()", globals={"step": step}, timer=now,
+                     num_threads=torch.get_num_threads())
+        for label, step in steps.items()
+    }
     times: dict[str, list[float]] = {label: [] for label in labels}
     for r in tqdm(range(rounds), desc=workload.name, leave=False, unit="round"):
         for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
-            step = steps[label]
-            _sync(device)
-            start = now()
-            for _ in range(per_round):
-                step()
-            _sync(device)
-            times[label].append((now() - start) / per_round)
+            times[label].append(timers[label].timeit(per_round).mean)
 
     bounds = {}
     results = []
@@ -327,7 +338,7 @@ def check_targets(results: list[dict]) -> list[dict]:
         if dfa and w in ("mlp", "cifar-fc"):
             value = dfa["fraction_of_bound"]
             add("dense DFA speed-up / MAC bound", w, value, ">= 0.90", value >= 0.90)
-        if dfa and (k1 := by.get((w, "dfa-k1"))):
+        if dfa and (k1 := by.get((w, "dfa:k=1"))):
             value = k1["ratio_to_autograd"] / dfa["ratio_to_autograd"]
             add("DFA k=1 speed / dense DFA speed", w, value, ">= 1.00", value >= 1.0)
         if bp := by.get((w, "bp")):

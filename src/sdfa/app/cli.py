@@ -1,27 +1,98 @@
-"""The ``sdfa`` command line: one sub-command per job (``sdfa <command> --help`` explains each)."""
+"""The ``sdfa`` command line: one sub-command per job (``sdfa <command> --help`` explains each).
+
+One vocabulary everywhere: a rule is a spec ``NAME[:option=value,...]`` (``dfa:k=1``), with
+``--k`` / ``--rank`` as shorthands wherever a rule is taken; ``--data-dir``, ``--seed`` and
+``--set KEY=VALUE`` mean the same in every command. Flags are never abbreviated, and an unknown
+flag gets the command's usage and the closest known flag.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
+from ..specs import format_rule_spec, parse_rule_spec
+
+RULE_SPEC_HELP = "a rule spec NAME[:option=value,...], e.g. dfa, dfa:k=1, dfa:rank=4, usf:scale=1.0"
+
 TRAIN_EXAMPLES = """examples:
   sdfa train                                    # digits, MLP, dense DFA (seconds on a laptop)
-  sdfa train --rule dfa --k 1                   # sparse DFA: one feedback entry per neuron
-  sdfa train --dataset mnist --model crafton-mnist-fc --rule dfa --k 1 --epochs 50
+  sdfa train --rule dfa:k=1                     # sparse DFA: one feedback entry per neuron
+  sdfa train --dataset fashion-mnist --model crafton-mnist-fc --rule dfa:k=1 --epochs 50
   sdfa train --dataset cifar10 --model crafton-cifar-conv --transfer --rule dfa --k 1
   sdfa train --config run.toml --set lr=3e-4 --set model_options.hidden=[200,200]
   sdfa train --out runs/a --resume              # continue a run that was interrupted
+  sdfa train --out runs/a --resume --epochs 60  # or extend a finished one
   sdfa train --nproc 2 --parallel layer         # layer-parallel DFA on 2 processes
   torchrun --nproc-per-node 4 -m sdfa train --parallel data   # or started by torchrun
-  sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5 --set privacy_options.max_input_norm=8
+  sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5
 
 Every key of the configuration (see 'sdfa train --list-keys') can be set in a TOML file
 (--config) or with --set KEY=VALUE; flags override the file and --set overrides both.
-Data sets are read from --data-dir, else from $SDFA_DATA/<name> or ~/.cache/sdfa/<name>;
---download fetches missing official files there and checks their MD5.
+Data sets are read from --data-dir, else from $SDFA_DATA/<name> or ~/.cache/sdfa/<name>, else
+from a system folder (Fashion-MNIST: /usr/share/datasets/fashion-mnist, installed by
+'apt-get install dataset-fashion-mnist'); --download fetches missing official files into the
+cache and checks their MD5.
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--epoch`` is not ``--epochs``), whose "unrecognized
+    arguments" error comes from the sub-command's parser with the closest known flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def reject_unknown(self, extra: list[str]) -> None:
+        flags = [s for action in self._actions for s in action.option_strings]
+        hints = []
+        for token in extra:
+            close = difflib.get_close_matches(token.split("=")[0], flags, n=1)
+            if token.startswith("-") and close:
+                hints.append(f"{token} (did you mean {close[0]}?)")
+            else:
+                hints.append(token)
+        self.error(f"unrecognized arguments: {' '.join(hints)}")
+
+
+def _error(command: str, error: Exception) -> int:
+    print(f"sdfa {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _with_shorthands(specs: list[str], k: int | None, rank: int | None) -> list[str]:
+    """Rule specs with ``--k`` / ``--rank`` added to every rule that takes them."""
+    from ..rules import RULES
+
+    if k is None and rank is None:
+        return specs
+    out, used = [], set()
+    for spec in specs:
+        name, options = parse_rule_spec(spec)
+        takes = RULES[name].options if name in RULES else {}
+        for key, value in (("k", k), ("rank", rank)):
+            if value is not None and key in takes:
+                options.setdefault(key, value)
+                used.add(key)
+        out.append(format_rule_spec(name, options))
+    unused = sorted({key for key, v in (("k", k), ("rank", rank)) if v is not None} - used)
+    if unused:
+        raise ValueError(f"--{unused[0]} applies to no rule given ({', '.join(specs)}): it is an "
+                         "option of dfa, e.g. --rule dfa --k 1 (or dfa:k=1)")
+    return out
+
+
+def _add_rule_shorthands(parser) -> None:
+    parser.add_argument("--k", type=int, metavar="K",
+                        help="sparse DFA: feedback entries per neuron (same as the spec dfa:k=K)")
+    parser.add_argument("--rank", type=int, metavar="R",
+                        help="low-rank DFA: rank of the feedback (same as dfa:rank=R)")
+
+
+# -- listing commands ---------------------------------------------------------------------------
 
 
 def _rules(args) -> int:
@@ -32,54 +103,29 @@ def _rules(args) -> int:
         options = ", ".join(f"{k}={v!r}" for k, v in rule.options.items()) or "no options"
         print(f"{name:6s} {rule.__doc__.strip().splitlines()[0]}")
         print(f"       paper: {rule.paper}; options: {options}")
+    print(f"\nGive a rule with its options as a spec: {RULE_SPEC_HELP}.")
     return 0
 
 
 def _models(args) -> int:
-    from ..models import MODELS
+    from ..models import MODELS, model_options
 
-    for name in sorted(MODELS):
-        doc = (MODELS[name].__doc__ or "").strip().splitlines()
-        print(f"{name:24s} {doc[0] if doc else ''}")
+    if args.name is None:
+        for name in sorted(MODELS):
+            doc = (MODELS[name].__doc__ or "").strip().splitlines()
+            print(f"{name:24s} {doc[0] if doc else ''}")
+        print("\n'sdfa models NAME' lists a preset's options; set them with "
+              "--set model_options.KEY=VALUE")
+        return 0
+    try:
+        options = model_options(args.name)
+    except ValueError as error:
+        return _error("models", error)
+    print(f"{args.name}: {(MODELS[args.name].__doc__ or '').strip()}")
+    print("options (--set model_options.KEY=VALUE):" if options else "options: none")
+    for key, value in options.items():
+        print(f"  {key:12s} default {value!r}")
     return 0
-
-
-def _costs(args) -> int:
-    from ..costs import PAPER_RULES, report
-
-    try:
-        text = report(
-            args.model, args.rule or PAPER_RULES, dataset=args.dataset,
-            input_shape=args.input_shape, num_classes=args.num_classes,
-            model_options=dict(args.model_option), seed=args.seed, markdown=args.markdown,
-        )
-    except ValueError as err:
-        print(f"sdfa costs: error: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes such as 1,28,28; got {text!r}") from None
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive; got {text!r}")
-    return shape
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    import ast
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
 
 
 def _datasets(args) -> int:
@@ -96,9 +142,13 @@ def _datasets(args) -> int:
     return 0
 
 
+# -- train and eval -----------------------------------------------------------------------------
+
+
 def config_from_args(args) -> tuple[dict, object]:
     """(the values given, the TrainConfig): defaults < --config file < flags < --set; with
-    --resume, the run's saved config with these values (which may not change what it computes)."""
+    --resume, the run's saved config with these values (which may not change what it computes,
+    except extend ``epochs``)."""
     from .config import FIELDS, config_from_dict, load_toml, parse_override
     from .run import resume_config
 
@@ -125,23 +175,21 @@ def _without_worker_traceback(error: Exception) -> str:
 def _train(args) -> int:
     from ..distributed import PeerFailure, ProcessFailure, is_main_process
     from ..training import TrainingDiverged
-    from .config import FIELDS
     from .run import train
 
     if args.list_keys:
-        from .config import TrainConfig
+        from .config import FIELDS, KEY_HELP, TrainConfig
 
         defaults = TrainConfig()
         for name in FIELDS:
-            print(f"{name:16s} {getattr(defaults, name)!r}")
+            print(f"{name:16s} {KEY_HELP[name]} (default {getattr(defaults, name)!r})")
         return 0
     values = {}
     try:
         values, config = config_from_args(args)
         summary = train(config, resume=args.resume)
     except ValueError as error:  # includes DataError: bad settings or bad data files
-        print(f"sdfa train: error: {_without_worker_traceback(error)}", file=sys.stderr)
-        return 2
+        return _error("train", _without_worker_traceback(error))
     except TrainingDiverged as error:
         print(f"sdfa train: stopped: {error}", file=sys.stderr)
         return 3
@@ -155,18 +203,43 @@ def _train(args) -> int:
         return 130
     if not is_main_process():  # under torchrun: rank 0 reports
         return 0
-    rule = summary["rule"] + "".join(
-        f" {key}={summary[key]}" for key in ("k", "rank") if summary[key] is not None
-    )
-    print(
-        f"{rule} on {summary['dataset']} ({summary['model']}): "
-        f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f} "
-        f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)"
-    )
+    rule = format_rule_spec(summary["rule"], {"k": summary["k"], "rank": summary["rank"]})
+    print(f"{rule} on {summary['dataset']} ({summary['model']}): {_figures(summary, 'test')} "
+          f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)")
     if "privacy" in summary:
         print(f"{summary['privacy']}: epsilon {summary['epsilon']:.3f} at delta "
               f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3f})")
     print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _figures(metrics: dict, split: str) -> str:
+    """``test accuracy 97.50%, test loss 0.1234`` (and the task's other metrics)."""
+    prefix = f"{split}_"
+    keys = [k for k in metrics if k.startswith(prefix) and not k.endswith("_samples")]
+    keys.sort(key=lambda k: k != f"{prefix}accuracy")  # accuracy first, as before
+    return ", ".join(
+        f"{k.replace('_', ' ')} {metrics[k]:.2%}" if k.endswith("accuracy")
+        else f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in keys
+    )
+
+
+def _eval(args) -> int:
+    from ..training import epoch_loader
+    from .build import load_data
+    from .run import build_trainer, load_run
+
+    try:
+        model, config = load_run(args.run_dir, device=args.device)
+        data = load_data(config)
+        split = data.test if args.split == "test" else data.train
+        loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
+        metrics = build_trainer(config, data, model).evaluate(loader)
+    except ValueError as error:
+        return _error("eval", error)
+    figures = _figures({f"{args.split}_{k}": v for k, v in metrics.items()}, args.split)
+    rule = format_rule_spec(config.rule, {"k": config.k, "rank": config.rank})
+    print(f"{args.run_dir}: {rule} on {config.dataset} ({config.model}): {figures}")
     return 0
 
 
@@ -178,7 +251,7 @@ def _add_train(commands) -> None:
         help="train a model with a learning rule (default: digits, MLP, DFA)",
         description="Train a model preset on a data set with a learning rule, logging every "
         "epoch to RUN_DIR/metrics.csv (and TensorBoard), checkpointing to RUN_DIR/last.pt and "
-        "writing RUN_DIR/summary.json at the end.",
+        "writing RUN_DIR/final.pt and RUN_DIR/summary.json at the end.",
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -187,17 +260,16 @@ def _add_train(commands) -> None:
     data.add_argument("--dataset", metavar="NAME",
                       help=f"one of {', '.join(available_datasets())} (default digits)")
     data.add_argument("--data-dir", dest="data_dir", metavar="DIR",
-                      help="folder holding the data set's files (default: the cache folder)")
+                      help="folder holding the data set's files (default: the cache folder, "
+                      "then system folders such as /usr/share/datasets/fashion-mnist)")
     data.add_argument("--download", action="store_const", const=True,
                       help="download missing official files into the data folder (MD5-checked)")
     model = p.add_argument_group("model and learning rule")
     model.add_argument("--model", metavar="NAME",
                        help="a model preset, see 'sdfa models' (default mlp)")
-    model.add_argument("--rule", metavar="NAME",
-                       help="a learning rule, see 'sdfa rules' (default dfa)")
-    model.add_argument("--k", type=int, metavar="K",
-                       help="sparse DFA: feedback entries per neuron (1 in the paper)")
-    model.add_argument("--rank", type=int, metavar="R", help="low-rank DFA: rank of the feedback")
+    model.add_argument("--rule", metavar="SPEC",
+                       help=f"{RULE_SPEC_HELP}; see 'sdfa rules' (default dfa)")
+    _add_rule_shorthands(model)
     model.add_argument("--transfer", action="store_const", const=True,
                        help="transfer protocol: train with BP, then fix the conv layers and "
                        "train the fully connected ones from scratch with --rule")
@@ -221,7 +293,8 @@ def _add_train(commands) -> None:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
                      help="override any config key, e.g. --set lr_schedule=cosine (repeatable)")
     run.add_argument("--resume", action="store_true", default=False,
-                     help="continue the interrupted run in --out from its last checkpoint")
+                     help="continue the run in --out from its last checkpoint (a larger "
+                     "--epochs extends a finished run)")
     run.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train on N processes on this machine (gloo on CPU, NCCL on GPUs); "
@@ -236,8 +309,23 @@ def _add_train(commands) -> None:
                      help="every N steps, measure per layer how the rule's update aligns with "
                      "the true gradient, into RUN_DIR/alignment.csv (default 0: off)")
     run.add_argument("--list-keys", action="store_true", default=False,
-                     help="list every config key with its default and exit")
+                     help="list every config key with a description and its default, and exit")
     p.set_defaults(run=_train)
+
+    e = commands.add_parser(
+        "eval", help="evaluate a finished or interrupted run's model",
+        description="Rebuild a run's model from RUN_DIR/config.toml with the weights of "
+        "final.pt (or last.pt for an interrupted run), its rule and feedback, and print its "
+        "metrics on the test (or training) split. In Python: sdfa.load_run(RUN_DIR).",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of sdfa train")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which split to evaluate (default test)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    e.set_defaults(run=_eval)
+
+
+# -- plot and reproduce -------------------------------------------------------------------------
 
 
 def _plot(args) -> int:
@@ -248,8 +336,7 @@ def _plot(args) -> int:
         path = plot_runs(args.runs, args.output or default, title=args.title, x=args.x,
                          alignment=args.alignment)
     except ValueError as error:
-        print(f"sdfa plot: error: {error}", file=sys.stderr)
-        return 2
+        return _error("plot", error)
     print(path)
     return 0
 
@@ -268,12 +355,11 @@ def _reproduce(args) -> int:
         if args.download:
             overrides["download"] = True
         results = reproduce(
-            args.name, out=args.out, quick=args.quick, data_root=args.data_root,
-            seeds=args.seeds, overrides=overrides, progress=not args.quiet,
+            args.name, out=args.out, quick=args.quick, data_root=args.data_dir,
+            seeds=args.seed or args.seeds, overrides=overrides, progress=not args.quiet,
         )
     except ValueError as error:
-        print(f"sdfa reproduce: error: {error}", file=sys.stderr)
-        return 2
+        return _error("reproduce", error)
     print(results.read_text())
     print(f"written to {results}")
     return 0
@@ -285,8 +371,8 @@ def _add_plot_and_reproduce(commands) -> None:
         description="Draw test accuracy and training loss per epoch (or against the training "
         "MACs) of one or several runs into one PNG, and, for runs trained with --log-alignment, "
         "the angle between each layer's update and the true gradient over the steps (or, with "
-        "--alignment, their sign agreement or norm ratio). Runs with "
-        "the same settings (seeds) are drawn as mean and min-max band.",
+        "--alignment, their sign agreement or norm ratio). Runs are labelled by their rule "
+        "spec (dfa:k=1); runs with the same settings (seeds) are drawn as mean and min-max band.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (sdfa train --out)")
     p.add_argument("-o", "--output", metavar="FILE.png",
@@ -315,10 +401,14 @@ def _add_plot_and_reproduce(commands) -> None:
     r.add_argument("--quick", action="store_true",
                    help="a reduced version (few epochs, data subsets) that runs in minutes")
     r.add_argument("--out", metavar="DIR", help="output folder (default reproduce/NAME[-quick])")
-    r.add_argument("--data-root", metavar="DIR",
-                   help="folder with one sub-folder per data set (default: the cache folder)")
-    r.add_argument("--seeds", type=int, metavar="N",
-                   help="seeds per experiment (default: the set's)")
+    r.add_argument("--data-dir", "--data-root", dest="data_dir", metavar="DIR",
+                   help="folder with one sub-folder per data set, e.g. DIR/mnist (default: the "
+                   "cache folder, then system folders; --data-root is the old spelling)")
+    seeds = r.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, nargs="+", metavar="N",
+                       help="the seeds of every experiment, e.g. --seed 0 1 2")
+    seeds.add_argument("--seeds", type=int, metavar="COUNT",
+                       help="seeds per experiment: 0 .. COUNT-1 (default: the set's)")
     r.add_argument("--download", action="store_true",
                    help="download missing data sets (official files, MD5-checked)")
     r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads per run")
@@ -328,6 +418,51 @@ def _add_plot_and_reproduce(commands) -> None:
     r.set_defaults(run=_reproduce)
 
 
+# -- costs and bench ----------------------------------------------------------------------------
+
+
+def _costs(args) -> int:
+    from ..costs import PAPER_RULES, report
+    from .config import parse_override
+
+    try:
+        options = dict(args.model_option)
+        for key, value in (parse_override(text) for text in args.set or ()):
+            head, _, sub = key.partition(".")
+            if head != "model_options" or not sub:
+                raise ValueError(f"sdfa costs --set takes model_options.KEY=VALUE; got {key!r}")
+            options[sub] = value
+        rules = _with_shorthands(args.rule or list(PAPER_RULES), args.k, args.rank)
+        text = report(
+            args.model, rules, dataset=args.dataset, input_shape=args.input_shape,
+            num_classes=args.num_classes, model_options=options, seed=args.seed,
+            markdown=args.markdown,
+        )
+    except ValueError as err:
+        return _error("costs", err)
+    print(text)
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 1,28,28; got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive; got {text!r}")
+    return shape
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    from .config import parse_override
+
+    try:
+        return parse_override(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE; got {text!r}") from None
+
+
 def _add_costs(commands) -> None:
     costs = commands.add_parser(
         "costs",
@@ -335,7 +470,7 @@ def _add_costs(commands) -> None:
         description="Count the multiply-accumulates (forward, error, weight update) and the data "
         "movement (values each neuron reads to get its error) of one training step, per sample "
         "and per layer. Without --model: the architectures of Crafton et al. 2019 under "
-        "bp, fa, dfa and dfa k=1, with ratios against bp. Definitions: docs/costs.md.",
+        "bp, fa, dfa and dfa:k=1, with ratios against bp. Definitions: docs/costs.md.",
     )
     costs.add_argument("--model", help="a model preset (see `sdfa models`)")
     costs.add_argument("--dataset", metavar="NAME",
@@ -345,11 +480,13 @@ def _add_costs(commands) -> None:
                        help="shape of one input sample, e.g. 1,28,28 (instead of --dataset)")
     costs.add_argument("--num-classes", type=int,
                        help="model outputs (default: the data set's, else 10)")
+    costs.add_argument("--set", action="append", metavar="model_options.KEY=VALUE",
+                       help="option of the preset, e.g. --set model_options.hidden=[400]")
     costs.add_argument("--model-option", type=_key_value, action="append", default=[],
-                       metavar="KEY=VALUE", help="option of the preset, e.g. hidden=[400]")
+                       metavar="KEY=VALUE", help="the same as --set model_options.KEY=VALUE")
     costs.add_argument("--rule", action="append", metavar="SPEC",
-                       help="rule with options, e.g. bp, fa, dfa:k=1, dfa:rank=4; repeat to "
-                       "compare (default: bp fa dfa dfa:k=1)")
+                       help=f"{RULE_SPEC_HELP}; repeat to compare (default: bp fa dfa dfa:k=1)")
+    _add_rule_shorthands(costs)
     costs.add_argument("--seed", type=int, default=0, help="seed of the feedback matrices")
     costs.add_argument("--markdown", action="store_true", help="print Markdown tables")
     costs.set_defaults(run=_costs)
@@ -364,9 +501,14 @@ def _bench(args) -> int:
         return value if value is not None else quick_default if quick else default
 
     try:
+        contenders = (args.rules or []) + (args.rule or []) or None
+        if contenders is not None:
+            contenders = _with_shorthands(contenders, args.k, args.rank)
+        elif args.k is not None or args.rank is not None:
+            raise ValueError("--k / --rank need the rules they apply to, e.g. --rule dfa --k 1")
         report = bench.run(
             args.workloads,
-            args.rules,
+            contenders,
             rounds=given(args.rounds, 15, 3),
             warmup=given(args.warmup, 3, 1),
             round_time=given(args.round_time, 0.3, 0.005),
@@ -377,8 +519,7 @@ def _bench(args) -> int:
             profile=args.profile,
         )
     except ValueError as err:
-        print(f"sdfa bench: error: {err}", file=sys.stderr)
-        return 2
+        return _error("bench", err)
     if args.json:
         bench.write_json(report, args.json)
         print(f"\nwrote {args.json}")
@@ -397,50 +538,42 @@ def _add_bench(commands) -> None:
         "the performance targets.",
     )
     p.add_argument(
-        "--workloads",
-        nargs="+",
-        default=["main"],
-        metavar="NAME",
+        "--workloads", nargs="+", default=["main"], metavar="NAME",
         help=f"workloads or groups (default: main). Workloads: {', '.join(WORKLOADS)}. "
         + "Groups: "
         + "; ".join(f"{g} = {' '.join(ws)}" for g, ws in GROUPS.items() if g != "all")
         + "; all = every group",
     )
     p.add_argument(
-        "--rules",
-        nargs="+",
-        metavar="NAME",
+        "--rules", nargs="+", metavar="SPEC",
         help=f"contenders (default: {' '.join(DEFAULT_CONTENDERS)}, plus biotorch-bp/fa/usf/dfa "
-        "when biotorch is installed). Also: any rule name, dfa-k<K>, dfa-r<R>. "
-        "autograd is always included as the reference",
+        "when biotorch is installed): rule specs such as dfa:k=1 (dfa-k<K>, dfa-r<R>: the old "
+        "spellings), or biotorch-<rule>. autograd is always included as the reference",
     )
+    p.add_argument("--rule", action="append", metavar="SPEC",
+                   help="one more contender (repeatable), as in the other commands")
+    _add_rule_shorthands(p)
     p.add_argument("--rounds", type=int, help="timed rounds (default 15; 3 with --quick)")
     p.add_argument("--warmup", type=int, help="warm-up steps per contender (default 3)")
-    p.add_argument(
-        "--round-time",
-        type=float,
-        help="seconds of autograd steps per contender and round (default 0.3)",
-    )
+    p.add_argument("--round-time", type=float,
+                   help="seconds of autograd steps per contender and round (default 0.3)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "cpu"],
+        "--clock", default="wall", choices=["wall", "cpu"],
         help="wall: elapsed time (default); cpu: CPU time of the process, steadier on a busy "
         "machine (use with --threads 1)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data and feedback")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="few short rounds: a smoke run")
-    p.add_argument(
-        "--profile", action="store_true", help="print torch.profiler's top ops per contender"
-    )
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's top ops per contender")
     p.set_defaults(run=_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="sdfa",
         description="Train neural networks without backpropagation: direct feedback alignment "
         "(dense, sparse, low rank) and the feedback-alignment family.",
@@ -449,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("rules", help="list the learning rules and their options").set_defaults(
         run=_rules
     )
-    commands.add_parser("models", help="list the model presets").set_defaults(run=_models)
+    models = commands.add_parser("models", help="list the model presets, or one preset's options")
+    models.add_argument("name", nargs="?", metavar="NAME", help="a preset: list its options")
+    models.set_defaults(run=_models)
     commands.add_parser(
         "datasets", help="list the data sets and where they are read from"
     ).set_defaults(run=_datasets)
@@ -462,7 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (commands.choices.get(args.command) or parser).reject_unknown(extra)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomli_w
+
+from ..specs import parse_rule_spec, parse_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,6 +105,57 @@ class TrainConfig:
     peer_timeout: float = 60.0  # seconds a process waits for another before stopping with an error
 
 
+# One line per key, for `sdfa train --list-keys` (a test checks that every key has one).
+KEY_HELP = {
+    "dataset": "data set name (sdfa datasets)",
+    "data_dir": "folder with the data set's files (default: the cache, then system folders)",
+    "download": "download missing official files (MD5-checked)",
+    "image_size": "resize images to N x N at load time",
+    "augment": "random crop + flip of training images (default: the data set's usual)",
+    "train_samples": "use only the first N training samples",
+    "test_samples": "use only the first N test samples",
+    "model": "model preset (sdfa models)",
+    "model_options": "preset options, e.g. model_options.hidden=[200,200] (sdfa models NAME)",
+    "rule": "learning rule or rule spec, e.g. dfa, dfa:k=1, usf:scale=1.0 (sdfa rules)",
+    "k": "sparse DFA: feedback connections per neuron",
+    "rank": "low-rank DFA: rank of the feedback matrices",
+    "rule_options": "other options of the rule, e.g. rule_options.init=\"sign\"",
+    "zero_init": "start DFA layers from zero weights (default: when activations are tanh/sigmoid)",
+    "optimizer": "adam, adamw, sgd or rmsprop",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay of the optimizer",
+    "eps": "epsilon of adam / adamw / rmsprop",
+    "batch_manhattan": "step with sign(grad) (Xiao et al. 2018)",
+    "lr_schedule": "constant, multistep or cosine (stepped per epoch)",
+    "lr_milestones": "epochs where multistep multiplies lr by lr_gamma",
+    "lr_gamma": "multistep factor",
+    "epochs": "number of epochs (a resumed run may extend it)",
+    "batch_size": "training batch size",
+    "seed": "seeds weights, feedback matrices and data order (0 <= seed < 2**63)",
+    "transfer": "BP pretraining, then fixed features and a classifier trained by the rule",
+    "pretrain_epochs": "epochs of the BP phase of transfer (default: epochs)",
+    "pretrain_lr": "learning rate of the BP phase of transfer (default: lr)",
+    "privacy": "dp-sgd (rule bp), dp-dfa or dp-noisy-projection (rule dfa)",
+    "epsilon": "privacy budget: the noise is set to spend it in the epochs",
+    "delta": "privacy budget's delta",
+    "noise_multiplier": "noise std over the sensitivity (instead of epsilon)",
+    "accountant": "privacy accountant: rdp, prv or gdp",
+    "privacy_options": "options of the privacy method, e.g. privacy_options.max_input_norm=8.0",
+    "out": "run directory (default runs/<settings>-<time>)",
+    "device": "auto, cpu or cuda[:N]",
+    "threads": "torch CPU threads (default: 1 for small steps, else torch's)",
+    "workers": "DataLoader worker processes",
+    "eval_batch_size": "batch size of evaluation",
+    "progress": "progress bars and per-epoch lines",
+    "tensorboard": "also log to RUN_DIR/tensorboard when TensorBoard is installed",
+    "log_alignment": "measure the alignment with the true gradient every N steps (0: off)",
+    "nproc": "processes to start on this machine (leave 1 under torchrun)",
+    "parallel": "with several processes: data (DDP) or layer (layers split over processes)",
+    "micro_batches": "parallel=layer: micro-batches in flight per batch",
+    "peer_timeout": "seconds a process waits for another before stopping with an error",
+}
+
 # Keys that do not change what is computed: they may differ when a run is resumed.
 RUNTIME_KEYS = frozenset(
     {"data_dir", "download", "out", "device", "threads", "workers", "eval_batch_size",
@@ -120,6 +174,9 @@ def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConf
             a value out of range.
     """
     merged = dataclasses.asdict(base or TrainConfig())
+    values = dict(values)
+    if isinstance(values.get("rule"), str) and ":" in values["rule"]:
+        values.update(_rule_spec_values(values["rule"], values))
     for key, value in values.items():
         head, _, rest = key.partition(".")
         _check_key(head)
@@ -132,6 +189,22 @@ def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConf
     config = TrainConfig(**merged)
     validate(config)
     return config
+
+
+def _rule_spec_values(spec: str, values: dict) -> dict:
+    """``rule = "dfa:k=1,init=sign"`` -> ``rule``, ``k`` / ``rank`` and ``rule_options`` keys."""
+    name, options = parse_rule_spec(spec)
+    out = {"rule": name}
+    for key in ("k", "rank"):
+        if key in options:
+            value = options.pop(key)
+            if values.get(key) is not None and values[key] != value:
+                raise ValueError(f"rule {spec!r} sets {key}={value!r} but {key}={values[key]!r} "
+                                 "is given too: give it once")
+            out[key] = value
+    if options:
+        out["rule_options"] = {**values.get("rule_options", {}), **options}
+    return out
 
 
 def load_toml(path: str | Path) -> dict:
@@ -149,29 +222,16 @@ def load_toml(path: str | Path) -> dict:
 def parse_override(text: str) -> tuple[str, object]:
     """``"key=value"`` -> (key, value), the value read as TOML (a bare word stays a string)."""
     key, sep, raw = text.partition("=")
-    key, raw = key.strip(), raw.strip()
+    key = key.strip()
     if not sep or not key:
         raise ValueError(f"--set expects KEY=VALUE, e.g. --set lr=0.01; got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+    return key, parse_value(raw)
 
 
 def to_toml(config: TrainConfig) -> str:
-    """The config as TOML that :func:`load_toml` reads back to an equal config (None is omitted)."""
-    lines, tables = [], []
-    for key, value in dataclasses.asdict(config).items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    for key, table in tables:
-        lines += ["", f"[{key}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    """The config as TOML that :func:`load_toml` reads back to an equal config (None is omitted:
+    TOML has no null). Written by tomli-w."""
+    return tomli_w.dumps({k: v for k, v in dataclasses.asdict(config).items() if v is not None})
 
 
 def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str, tuple]:
@@ -264,18 +324,3 @@ def _type_name(option) -> str:
         return f"a list of {typing.get_args(option)[0].__name__}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
             dict: "a table"}.get(option, str(option))
-
-
-def toml_value(value) -> str:
-    """One value in TOML syntax (what ``--set`` and config files read)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)  # finite: validate() rejects nan and inf
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) to TOML")

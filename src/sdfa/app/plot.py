@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..specs import format_rule_spec
 from .config import load_toml
 
 PANELS = (
@@ -71,7 +72,8 @@ def read_alignment(run_dir: Path) -> Columns | None:
 def run_setting(run_dir: Path) -> dict:
     """The settings that name a run: rule, k, rank, transfer, dataset, model."""
     config = load_toml(Path(run_dir) / "config.toml")
-    keys = ("rule", "k", "rank", "transfer", "dataset", "model", "privacy", "epsilon")
+    keys = ("rule", "k", "rank", "rule_options", "transfer", "dataset", "model", "privacy",
+            "epsilon")
     return {key: config.get(key) for key in keys}
 
 
@@ -82,8 +84,8 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
     labels = []
     for s in settings:
         parts = [] if {"dataset", "model"} <= shared else [f"{s['dataset']}/{s['model']}"]
-        options = "".join(f" {k}={s[k]}" for k in ("k", "rank") if s[k] is not None)
-        parts.append(s["rule"].upper() + options)
+        options = {"k": s["k"], "rank": s["rank"], **(s["rule_options"] or {})}
+        parts.append(format_rule_spec(s["rule"], options))  # the spelling of --rule
         if s["transfer"]:
             parts.append("(transfer)")
         if s["privacy"]:

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -26,8 +27,9 @@ from .._version import __version__
 from ..data import DATASETS, DataError, is_present, missing_message
 from ..models import MODELS
 from ..rules import RULES
+from ..specs import toml_value
 from ..training import TrainingDiverged
-from .config import config_from_dict, toml_value
+from .config import config_from_dict
 from .plot import plot_runs, plot_sweep
 from .run import train
 
@@ -95,10 +97,15 @@ def _crafton2019() -> ExperimentSet:
                    quick={})
     mnist_fc = {**adam, "dataset": "mnist", "model": "crafton-mnist-fc", "epochs": 300,
                 "batch_size": 32}
-    exps += _rules(mnist_fc, rules([1, 2, 5], 1e-3), "MNIST, FC 784-400-10")
     mnist_conv = {**adam, "dataset": "mnist", "model": "crafton-mnist-conv", "epochs": 100,
                   "batch_size": 64}
-    exps += _rules(mnist_conv, rules([1], 1e-4), "MNIST, conv 32-64 + FC 12544-128-10")
+    # Fashion-MNIST (real, 60k + 10k; Debian's dataset-fashion-mnist) with the MNIST protocols.
+    for dataset, name in (("mnist", "MNIST"), ("fashion-mnist", "Fashion-MNIST")):
+        quick = {"epochs": 10} if dataset == "fashion-mnist" else None
+        exps += _rules({**mnist_fc, "dataset": dataset}, rules([1, 2, 5], 1e-3),
+                       f"{name}, FC 784-400-10", quick=quick)
+        exps += _rules({**mnist_conv, "dataset": dataset}, rules([1], 1e-4),
+                       f"{name}, conv 32-64 + FC 12544-128-10", skip_quick=dataset != "mnist")
     for dataset, classes, ks in (("cifar10", 10, [1, 2, 5]), ("cifar100", 100, [1, 10, 50])):
         name = "CIFAR-10" if classes == 10 else "CIFAR-100"
         fc = {**adam, "dataset": dataset, "model": "crafton-cifar-fc", "eps": 1e-5,
@@ -188,6 +195,10 @@ def _biotorch_benchmark() -> ExperimentSet:
              "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 64, "epochs": 100,
              "lr_schedule": "multistep", "lr_milestones": [50, 75], "augment": False}
     exps += _per_rule(mnist, "MNIST, LeNet", rules, LENET_LR, BIOTORCH["lenet-mnist"])
+    # Fashion-MNIST (real, 60k + 10k) with the MNIST protocol; --quick: 10 epochs, lr / 10 at
+    # epochs 5 and 8 (the protocol's schedule shrunk by 10).
+    exps += _per_rule({**mnist, "dataset": "fashion-mnist"}, "Fashion-MNIST, LeNet", rules,
+                      LENET_LR, quick={"epochs": 10, "lr_milestones": [5, 8]})
     cifar = {**CIFAR_SGD, "dataset": "cifar10", "model": "resnet20"}
     exps += _per_rule(cifar, "CIFAR-10, ResNet-20", rules, RESNET_LR, BIOTORCH["resnet20"])
     return ExperimentSet(
@@ -283,7 +294,7 @@ def reproduce(
     out: str | Path | None = None,
     quick: bool = False,
     data_root: str | Path | None = None,
-    seeds: int | None = None,
+    seeds: int | Sequence[int] | None = None,
     overrides: dict | None = None,
     progress: bool = True,
 ) -> Path:
@@ -291,7 +302,8 @@ def reproduce(
 
     Args:
         data_root: folder holding one sub-folder per data set (default: the cache folder).
-        seeds: number of seeds per experiment (default: the set's choice).
+        seeds: the seeds of every experiment: a count N (seeds 0 .. N-1) or a list of seeds
+            (default: the set's choice).
         overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
             {"download": True} fetches missing data sets).
     """
@@ -311,7 +323,7 @@ def reproduce(
             continue
         if _data_dir(data_root, values["dataset"]) is not None:
             values["data_dir"] = str(_data_dir(data_root, values["dataset"]))
-        for seed in range(seeds) if seeds else exp.seeds:
+        for seed in _seeds(seeds, exp):
             run_dir = out / _slug(exp.group) / _slug(exp.label) / f"seed{seed}"
             config = config_from_dict({**values, "seed": seed, "out": str(run_dir),
                                        "progress": progress})
@@ -331,12 +343,25 @@ def reproduce(
     results.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(
         [f"sdfa reproduce {chosen.name}"] + ["--quick"] * quick
-        + ([f"--seeds {seeds}"] if seeds else [])
-        + ([f"--data-root {data_root}"] if data_root is not None else [])
+        + ([f"--seeds {seeds}"] if isinstance(seeds, int) else [])
+        + ([f"--seed {' '.join(map(str, seeds))}"] if isinstance(seeds, (list, tuple)) else [])
+        + ([f"--data-dir {data_root}"] if data_root is not None else [])
         + [f"--set {k}={toml_value(v)}" for k, v in (overrides or {}).items()]
     )
     results.write_text(render(chosen, outcomes, quick, out, command))
     return results
+
+
+def _seeds(seeds, exp: Experiment) -> list[int]:
+    if seeds is None:
+        return list(exp.seeds)
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds must be a count >= 1; got {seeds}")
+        return list(range(seeds))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"give distinct seeds; got {list(seeds)}")
+    return list(seeds)
 
 
 def _quick_values(chosen: ExperimentSet, exp: Experiment) -> dict:

@@ -13,9 +13,9 @@ A run directory holds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from .config import (
     load_toml,
     to_toml,
 )
+from .rundir import check_fresh, claim, default_path
 
 # Below this many counted MACs per training step a CPU run uses one thread unless `threads` is
 # set: on the digits MLP (about 2e6) two threads save 20 % on idle cores but are 20x slower when
@@ -55,12 +56,12 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     if distributed and config.log_alignment:  # under torchrun; validate() refuses nproc > 1
         raise ValueError(SINGLE_PROCESS_ALIGNMENT)
     if config.nproc > 1 and not distributed:  # start the processes; each runs train()
-        config = dataclasses.replace(config, out=str(_run_dir(config, resume)))
+        config = dataclasses.replace(config, out=str(_planned_dir(config, resume)))
         return parallel.launch(train, config, resume=resume, callbacks=callbacks)
     if distributed:
-        run_dir = parallel.agree(lambda: _run_dir(config, resume))
+        run_dir = parallel.agree(lambda: _planned_dir(config, resume))
     else:
-        run_dir = _run_dir(config, resume)
+        run_dir = _planned_dir(config, resume)
     writes = is_main_process()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -68,8 +69,21 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks=()) -> dict:
     data = build.load_data(config)
     build.seed_everything(config.seed)
     model = build.build_model(config, data)  # before the run directory exists: bad settings fail
+    with contextlib.ExitStack() as held:
+        # The process that writes the run directory locks it for the run's whole life.
+        def take() -> Path:
+            lock = claim(run_dir, fresh=not resume, default_name=config.out is None)
+            return held.enter_context(lock)
+
+        if distributed:
+            run_dir = parallel.agree(take)  # rank 0 takes it; every rank learns the path
+        elif writes:
+            run_dir = take()
+        return _train_in(run_dir, config, data, model, resume, callbacks, distributed, writes)
+
+
+def _train_in(run_dir, config, data, model, resume, callbacks, distributed, writes) -> dict:
     if writes:
-        run_dir.mkdir(parents=True, exist_ok=True)
         # written again on resume: an extended run (larger epochs) records its new length
         write_text(run_dir / "config.toml", to_toml(dataclasses.replace(config, out=str(run_dir))))
     pretrain = None
@@ -208,37 +222,26 @@ def _check_extension(saved: TrainConfig, config: TrainConfig, run_dir) -> None:
         )
 
 
-def _run_dir(config: TrainConfig, resume: bool) -> Path:
-    """The run directory, checked (a fresh run needs an absent or empty one); creates nothing."""
+def _planned_dir(config: TrainConfig, resume: bool) -> Path:
+    """The run directory, checked (a fresh run needs an absent or empty one); creates nothing.
+
+    :func:`~sdfa.app.rundir.claim` checks again under the run's lock."""
     if resume:
         if config.out is None:
             raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
         run_dir = Path(config.out)
         _check_same_run(resume_config(run_dir), config, run_dir)
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink()
         return run_dir
-    run_dir = Path(config.out) if config.out else _default_run_dir(config)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(
-            f"{run_dir} already exists and is not empty: pass --resume to continue that run, "
-            "or choose another --out"
-        )
+    if config.out:
+        run_dir = Path(config.out)
+    else:
+        parts = [config.dataset, config.model, config.rule]
+        parts += [f"k{config.k}"] if config.k is not None else []
+        parts += [f"r{config.rank}"] if config.rank is not None else []
+        parts += ["transfer"] if config.transfer else []
+        run_dir = default_path([*parts, f"s{config.seed}"], to_toml(config))
+    check_fresh(run_dir)
     return run_dir
-
-
-def _default_run_dir(config: TrainConfig) -> Path:
-    parts = [config.dataset, config.model, config.rule]
-    parts += [f"k{config.k}"] if config.k is not None else []
-    parts += [f"r{config.rank}"] if config.rank is not None else []
-    parts += ["transfer"] if config.transfer else []
-    parts += [f"s{config.seed}", datetime.now().strftime("%Y%m%d-%H%M%S")]
-    base = Path("runs") / "-".join(parts)
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
 
 
 def _pretrain(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[dict, dict]:

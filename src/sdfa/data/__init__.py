@@ -62,6 +62,9 @@ class DatasetSpec:
     augment: bool = False
     note: str = ""
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) as stored; None: image folders
+    task: str = "classification"  # the sdfa.tasks entry this data set is for
+    # folders where a system package installs the files: used when the cache folder lacks them
+    system_dirs: tuple[str, ...] = ()
 
 
 # Official MD5 sums as published with the files (and used by torchvision).
@@ -103,6 +106,8 @@ DATASETS: dict[str, DatasetSpec] = {
                 },
             ),
             image_shape=(1, 28, 28),
+            # Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)
+            system_dirs=("/usr/share/datasets/fashion-mnist",),
         ),
         DatasetSpec(
             "cifar10",
@@ -167,20 +172,34 @@ def input_shape(name: str, image_size: int | None = None) -> tuple[int, int, int
 
 
 def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
-    """The folder where ``name`` is read from: ``data_dir`` or ``data_root()/name``."""
-    return Path(data_dir).expanduser() if data_dir is not None else data_root() / _spec(name).name
+    """The folder where ``name`` is read from: ``data_dir``, else ``data_root()/name``, else a
+    system folder that holds the files (Fashion-MNIST: /usr/share/datasets/fashion-mnist)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    spec = _spec(name)
+    cache = data_root() / spec.name
+    if not _files_present(spec, cache):
+        for system in map(Path, spec.system_dirs):
+            if _files_present(spec, system):
+                return system
+    return cache
 
 
 def is_present(name: str, data_dir: str | Path | None = None) -> bool:
     """True when the files of ``name`` seem to be there (loading still checks their content)."""
     spec = _spec(name)
-    directory = dataset_dir(name, data_dir)
+    if spec.format == "folder" and data_dir is None:
+        return False
+    return _files_present(spec, dataset_dir(name, data_dir))
+
+
+def _files_present(spec: DatasetSpec, directory: Path) -> bool:
     if spec.format == "digits":
         return True
     if spec.format == "idx":
         return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
     if spec.format == "folder":
-        return data_dir is not None and None not in folder.split_dirs(directory)
+        return None not in folder.split_dirs(directory)
     return cifar.present(directory, spec.format)
 
 
