@@ -10,7 +10,7 @@ feedback-alignment family, behind one call::
 from .alignment import capture_rng, measure_alignment
 from .convert import convert, feedback_matrices, rules_of
 from .costs import costs
-from .layers import backprop
+from .layers import backprop, is_trainable, register_layer
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
 
@@ -26,7 +26,9 @@ __all__ = [
     "convert",
     "costs",
     "feedback_matrices",
+    "is_trainable",
     "measure_alignment",
+    "register_layer",
     "register_rule",
     "rules_of",
 ]

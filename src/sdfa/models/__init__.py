@@ -10,17 +10,18 @@ from collections.abc import Callable
 
 from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 def register_model(name: str):
-    """Decorator: make a builder ``f(input_shape, num_classes, **kwargs) -> nn.Module`` a preset."""
+    """Decorator: make a builder ``f(input_shape, num_classes, **kwargs) -> nn.Module`` a preset.
 
-    def decorate(builder):
-        MODELS[name] = builder
-        return builder
-
-    return decorate
+    Raises:
+        ValueError: a preset of that name is registered already.
+    """
+    return MODELS.register(name)
 
 
 def available_models() -> list[str]:
