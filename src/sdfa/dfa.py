@@ -243,6 +243,13 @@ class DirectFeedbackAlignment:
 
     def _sizes(self, label: str, h: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
         """(C, N) of the feedback matrix that block output ``h`` needs for output ``y``."""
+        if h.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"the block output of {label!r} has shape {tuple(h.shape)} and the output of "
+                f"{self.output_name!r} {tuple(y.shape)}: a block output must have the batch "
+                "dimension first (nn.RNN/LSTM/GRU's h_n is (layers, batch, hidden): mark the "
+                "output sequence, or a module that returns h_n batch first)"
+            )
         if not self.per_position:  # y.shape, not y[0]: Poisson sampling makes empty batches
             return y.shape[1:].numel(), h.shape[1:].numel()
         if h.dim() != y.dim() or h.shape[:-1] != y.shape[:-1]:
@@ -274,6 +281,11 @@ class DirectFeedbackAlignment:
         return feedback
 
     def _make(self, label, num_classes, num_neurons, sample_shape, dtype, device):
+        options = self.options
+        if options["dilation"] is not None and len(sample_shape) < 2:
+            # convolutional feedback is for (channels, *positions) block outputs; a flat one
+            # (the input of a classifier's Linear) gets the dense matrix
+            options = {**options, "dilation": None, "groups": None}
         feedback = fb.make_feedback(
             num_classes,
             num_neurons,
@@ -282,7 +294,7 @@ class DirectFeedbackAlignment:
             sample_shape=tuple(sample_shape),
             dtype=dtype,
             device=device,
-            **self.options,
+            **options,
         )
         self.modules[label].add_module(FEEDBACK_ATTR, feedback)
         return feedback
