@@ -267,7 +267,7 @@ class DirectFeedbackAlignment:
         feedback = getattr(owner, FEEDBACK_ATTR, None)
         if feedback is not None and (
             feedback.shape != (num_classes, num_neurons)
-            or getattr(feedback, "sample_shape", h.shape[1:]) != h.shape[1:]
+            or (isinstance(feedback, fb.ConvFeedback) and feedback.sample_shape != h.shape[1:])
         ):
             if label not in self.provisional:
                 raise RuntimeError(
