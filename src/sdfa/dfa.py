@@ -140,7 +140,7 @@ class DirectFeedbackAlignment:
             for name in names:
                 if name != self.output_name:
                     self.modules[name].register_forward_pre_hook(partial(self._detach_input, name))
-            if names == trainable and example_input is None:
+            if names == trainable and self.output_name == names[-1] and example_input is None:
                 self._create_for_linear_chain(names)
         else:
             missing = [b for b in self.boundaries if b not in self.modules]

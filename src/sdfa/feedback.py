@@ -1,10 +1,12 @@
-"""Direct feedback matrices B_l of shape (C, N_l): dense, sparse (k per neuron) and low rank.
+"""Direct feedback matrices B_l of shape (C, N_l): dense, sparse (k per neuron), low rank, both
+together, and Han et al.'s convolutional form.
 
 A feedback matrix is a small module holding fixed, seeded buffers, so it lives in the model's
 ``state_dict``, moves with ``.to()`` and survives save/load. ``project(e)`` computes ``e @ B`` for
-an output error ``e`` of shape (batch, C) in whatever way suits the storage: a matmul for dense
-B, a gather for sparse B (O(N k) memory and time, never a matmul with zeros), two thin matmuls
-for low-rank B.
+an output error ``e`` of shape (rows, C) (one row per sample, or per position) in whatever way
+suits the storage: a matmul for dense B, a gather for sparse B (O(N k) memory and time, never a
+matmul with zeros), two thin matmuls for low-rank B, two gathers for sparse low-rank B, a small
+product and a tiling for the convolutional form.
 
 Value distribution (Crafton et al. 2019, code bcrafton/ssdfa; Nokland 2016 uses the dense case):
 entries are drawn from U(-h, h) with
