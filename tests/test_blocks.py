@@ -64,7 +64,7 @@ class LM(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
 
     def forward(self, tokens):
-        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
         h = self.embed(tokens)
         for layer in self.layers:
             h = layer(h, src_mask=mask)
@@ -693,3 +693,19 @@ def test_conv_cost_formula_against_flop_counter_and_jacobian(make, shape):
     jacobian = torch.autograd.functional.jacobian(lambda v: conv(v) - conv.bias.view(-1, *[1] * (
         x.dim() - 2)), x)
     assert work.connections == int((jacobian != 0).sum())  # pairs joined by a weight
+
+
+def test_costs_of_the_transformer_lm_per_position():
+    boundaries = ["embed", "layers.0", "layers.1"]
+    report = sdfa.costs(LM(), "dfa", (T,), input_dtype=torch.long, per_position=True,
+                        boundaries=boundaries)
+    rows = {c.name: c for c in report.layers}
+    for name in boundaries:  # e B_l at every token: T C d MACs, and nothing sent down
+        assert rows[name].error == T * VOCAB * DIM and rows[name].via.startswith("e B")
+        assert rows[name].neurons == T * DIM
+    layer = LM().layers[0]
+    attention = T * DIM * 3 * DIM + 2 * T * T * DIM + T * DIM * DIM
+    ffn = 2 * T * DIM * FF
+    assert rows["layers.0"].forward == attention + ffn
+    assert rows["embed"].forward == 0 and layer.linear1.out_features == FF
+    assert rows["head"].forward == T * DIM * VOCAB

@@ -192,6 +192,7 @@ def costs(
     *,
     seed: int = 0,
     name: str | None = None,
+    input_dtype: torch.dtype | None = None,
     **options,
 ) -> CostReport:
     """Per-layer MACs and data movement of one training step of ``model`` trained by ``rule``.
@@ -204,6 +205,8 @@ def costs(
         input_shape: the shape of one sample, without the batch dimension.
         seed, **options: passed to ``sdfa.convert`` (e.g. ``k=1``, ``rank=4``).
         name: a label for the report (default: the model's class name).
+        input_dtype: the dtype of the traced input, e.g. ``torch.long`` for token ids (default:
+            the model's floating dtype).
 
     Returns:
         A :class:`CostReport`; ``report.macs`` is the per-sample MACs of a training step.
@@ -220,13 +223,13 @@ def costs(
             raise ValueError("options need a rule; a converted model has its rules already")
         if not converted:
             raise ValueError("rule=None prices a model converted by sdfa.convert; give a rule")
-        trace = _trace(_meta_twin(model), input_shape)
+        trace = _trace(_meta_twin(model), input_shape, input_dtype)
         rule_label = _rule_label(rules_of(model), {})
     else:
         if converted:
             raise ValueError("this model is already converted: pass rule=None to price it as is")
         twin = convert(_meta_twin(model), rule, seed=seed, inplace=True, **options)
-        trace = _trace(twin, input_shape)
+        trace = _trace(twin, input_shape, input_dtype)
         rule_label = _rule_label(rule, options)
     return CostReport(label, rule_label, _price(*trace))
 
@@ -447,7 +450,7 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trace(model: nn.Module, input_shape: tuple[int, ...]):
+def _trace(model: nn.Module, input_shape: tuple[int, ...], input_dtype=None):
     """One eval-mode forward pass of a meta twin: trainable-layer calls, DFA matrices, rules."""
     calls: list[_Call] = []
     finished: dict[str, int] = {}  # module name -> order in which its forward finished
@@ -465,6 +468,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...]):
         module.register_forward_hook(record)
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+    dtype = input_dtype or dtype
     try:
         with torch.enable_grad():
             model.eval()(torch.zeros((1, *input_shape), device="meta", dtype=dtype))
