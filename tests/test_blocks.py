@@ -709,3 +709,73 @@ def test_costs_of_the_transformer_lm_per_position():
     assert rows["layers.0"].forward == attention + ffn
     assert rows["embed"].forward == 0 and layer.linear1.out_features == FF
     assert rows["head"].forward == T * DIM * VOCAB
+
+
+# -- modules from other libraries (optional: skipped when the library is absent) ---------------
+
+
+def test_a_pytorch_geometric_layer_trains_inside_a_block():
+    """Node classification, nodes as samples: GCNConv blocks get e @ B at their output."""
+    gnn = pytest.importorskip("torch_geometric.nn")
+
+    class GCN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv1, self.conv2 = gnn.GCNConv(3, 6), gnn.GCNConv(6, 5)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x, edge_index):
+            h = torch.relu(self.conv1(x, edge_index))
+            return self.head(torch.relu(self.conv2(h, edge_index)))
+
+    x = torch.randn(7, 3)
+    edge_index = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 6, 2], [1, 0, 2, 1, 4, 3, 6, 5, 5]])
+    y = torch.randint(0, 2, (7,))
+    model = sdfa.convert(GCN(), "dfa", boundaries=["conv1", "conv2"], output="head", k=1)
+    out = model(x, edge_index)
+    F.cross_entropy(out, y).backward()
+    e = output_error(out, lambda o: F.cross_entropy(o, y))
+    B = sdfa.feedback_matrices(model)
+    assert B["conv1"].shape == (2, 6) and B["conv2"].shape == (2, 5)
+    first = list(model.conv1.parameters())
+    assert_grads(first, block_grads(lambda v: model.conv1(v, edge_index), [x], first,
+                                    e @ B["conv1"]))
+    with sdfa.backprop():
+        h = torch.relu(model.conv1(x, edge_index))
+    second = list(model.conv2.parameters())
+    assert_grads(second, block_grads(lambda v: model.conv2(torch.relu(v), edge_index), [h],
+                                     second, e @ B["conv2"]))
+
+
+def test_an_snntorch_neuron_trains_inside_a_block():
+    """A spiking layer over time steps (surrogate gradient, learned decay beta) in a chain."""
+    snn = pytest.importorskip("snntorch")
+
+    class SNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = nn.Linear(4, 6)
+            self.lif = snn.Leaky(beta=0.8, learn_beta=True, threshold=0.5)
+            self.fc2 = nn.Linear(6, 3)
+
+        def spikes(self, x):
+            mem, out = self.lif.init_leaky(), []
+            for t in range(x.shape[1]):
+                spk, mem = self.lif(self.fc1(x[:, t]), mem)
+                out.append(spk)
+            return torch.stack(out, 1).sum(1).to(x.dtype)  # snntorch spikes are float32
+
+        def forward(self, x):
+            return self.fc2(self.spikes(x))
+
+    x, y = torch.randn(5, 6, 4) * 2, torch.randint(0, 3, (5,))
+    model = sdfa.convert(SNN(), "dfa")
+    assert sdfa.rules_of(model) == {"fc1": "dfa", "fc2": "dfa"}
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    e = output_error(out, lambda o: F.cross_entropy(o, y))
+    B = sdfa.feedback_matrices(model)["fc1"]
+    params = list(model.fc1.parameters()) + [model.lif.beta]
+    assert_grads(params, block_grads(model.spikes, [x], params, e @ B))
