@@ -106,7 +106,7 @@ def convert(
                 _check_twin(name, module, rule_name, parts)
         elif unit is not None and (unit == "" or name.startswith(unit + ".")):
             continue  # part of a unit: trained with it
-        elif rule_name not in ("bp", FROZEN, "dfa"):  # DFA trains anything inside its blocks
+        elif prefix in rules and rules[prefix].needs_twin:  # DFA trains anything in a block
             _check_supported(name, module, rule_name, parts)
 
     # Layer-wise rules swap modules; DFA hooks the final ones, so it goes last.
