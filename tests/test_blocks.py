@@ -779,3 +779,32 @@ def test_an_snntorch_neuron_trains_inside_a_block():
     B = sdfa.feedback_matrices(model)["fc1"]
     params = list(model.fc1.parameters()) + [model.lif.beta]
     assert_grads(params, block_grads(model.spikes, [x], params, e @ B))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_chain_mode_cuts_every_input_of_an_attention_unit():
+    """Query, key and value all come from the block below: none of them carries a gradient
+    back to it (only the query is its recorded block output)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), SelfAttention(), nn.Linear(4, 2))
+    model = sdfa.convert(base, "dfa", per_position=True)
+    assert sdfa.rules_of(model) == {"0": "dfa", "2.attn": "dfa", "3": "dfa"}
+    x = torch.randn(2, 5, 3)
+    out = model(x)
+    out.square().sum().backward()
+    e = 2 * out.detach()
+    B = sdfa.feedback_matrices(model)
+    first = list(model[0].parameters())
+    assert_grads(first, block_grads(lambda v: torch.tanh(model[0](v)), [x], first, e @ B["0"]))
+    attn = list(model[2].parameters())
+    with sdfa.backprop():
+        h = torch.tanh(model[0](x))
+    assert_grads(attn, block_grads(model[2], [h], attn, e @ B["2.attn"]))

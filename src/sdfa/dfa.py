@@ -210,7 +210,11 @@ class DirectFeedbackAlignment:
                     )
                 return None
             self._record(label, x)
-        return (self.pending[id(x)][2], *args[1:])
+        if len(args) == 1:
+            return (self.pending[id(x)][2],)
+        # the unit's other tensor inputs (attention's key and value) are cut off too: no
+        # gradient crosses a block boundary
+        return (self.pending[id(x)][2], *(_detached(a) for a in args[1:]))
 
     def _detach_output(self, name, path, module, args, out):
         if path is None and isinstance(out, torch.Tensor):  # the common case, kept fast
@@ -351,6 +355,10 @@ class DirectFeedbackAlignment:
             else:
                 continue
             owner.add_module(FEEDBACK_ATTR, empty)
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
 
 
 def _parse_boundaries(boundaries) -> dict[str, tuple[int, ...] | None] | None:
