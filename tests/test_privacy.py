@@ -400,7 +400,8 @@ def test_the_model_stays_the_users_model(method):
     options = {"max_grad_norm": 1.0}
     if method == "dp-dfa":
         model, options = sdfa.convert(model, "dfa"), {"max_input_norm": 3.0}
-    keys = list(model.state_dict())
+    # (a DFA Linear chain has its feedback matrices from convert() on: compared without them)
+    keys = [k for k in model.state_dict() if "dfa_feedback" not in k]
     x, y = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
     _, private_model, opt, data = private(model, x, y, noise=1.0, method=method, **options)
     assert private_model is model

@@ -12,7 +12,7 @@ from .alignment import capture_rng, measure_alignment
 from .app.run import load_run
 from .convert import convert, feedback_matrices, rules_of
 from .costs import costs
-from .layers import backprop
+from .layers import backprop, is_trainable, register_layer
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
 
@@ -27,8 +27,10 @@ __all__ = [
     "convert",
     "costs",
     "feedback_matrices",
+    "is_trainable",
     "load_run",
     "measure_alignment",
+    "register_layer",
     "register_rule",
     "rules_of",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .layers import FeedbackLayer, backprop
+from .layers import FeedbackLayer, backprop, trainable_units
 
 RngState = tuple[torch.Tensor, "torch.Tensor | None", "torch.device"]
 
@@ -84,7 +84,7 @@ def measure_alignment(
     """
     layers = _trainable_layers(model)
     if not layers:
-        raise ValueError("the model has no trainable nn.Linear / nn.Conv2d layer to measure")
+        raise ValueError("the model has no trainable unit (sdfa.layers) to measure")
     updates = {}
     for name, params in layers.items():
         missing = [p for p in params if p.grad is None]
@@ -144,13 +144,15 @@ def _or_zeros(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
 
 
 def _trainable_layers(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Trainable Linear / Conv2d layers -> their weight and bias (not a learned feedback)."""
+    """Trainable units -> their parameters that learn (not a learned feedback B)."""
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-            if params:
-                layers[name] = params
+    for name, module in trainable_units(model):
+        params = [
+            p for n, p in module.named_parameters()
+            if p.requires_grad and not (isinstance(module, FeedbackLayer) and n == "feedback")
+        ]
+        if params:
+            layers[name] = params
     return layers
 
 

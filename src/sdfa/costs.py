@@ -4,14 +4,19 @@
 is copied or computed), runs one forward pass to see every trainable layer's shapes and which
 inputs need a gradient, and prices what the engine then does, layer by layer:
 
-* **forward**: the layer's own product, ``W x`` (Linear) or the convolution (Conv2d). MACs count
-  every product a dense engine executes, padding zeros included (as FlopCounterMode does).
+* **forward**: the unit's own products, from its layer type's cost formula in the layer
+  registry (:mod:`sdfa.layers`): ``W x`` (Linear), the convolution (Conv*, ConvTranspose*), the
+  gate products (RNN, LSTM, GRU), projections and attention (MultiheadAttention, transformer
+  layers). MACs count every product a dense engine executes, padding zeros included (as
+  FlopCounterMode does).
 * **error**: what the layer needs to get its delta, that is the error arriving at its block
   output (the input of the next trainable layer): ``delta_{l+1} W_{l+1}`` for backprop, the same
   with ``B_{l+1}`` for layer-wise rules, ``e B_l`` for DFA (dense: C N_l MACs; sparse: k N_l,
-  done as a gather; low rank: C r + r N_l). The output layer's error comes from the loss (0).
-* **update**: the weight gradient ``delta x^T`` (the forward MACs again). What a rule spends to
-  learn its feedback (the weight mirror's noise products) is per-step work, reported apart.
+  done as a gather; low rank: C r + r N_l; with ``per_position`` all of it at every position).
+  The output layer's error comes from the loss (0).
+* **update**: the weight gradient ``delta x^T`` (the forward MACs again), plus the backprop
+  inside a unit that has it (an LSTM's recurrence). What a rule spends to learn its feedback
+  (the weight mirror's noise products) is per-step work, reported apart.
 * **data movement**: the values the neurons of the block output must read from elsewhere to get
   their error: the error values (next-layer deltas, or entries of e) and the feedback weights
   that go with them (W_{l+1}, B_{l+1} or the neuron's entries of B_l). Counted per real
@@ -34,8 +39,16 @@ import torch
 from torch import nn
 
 from .convert import convert, rules_of
-from .dfa import FEEDBACK_ATTR
-from .feedback import DenseFeedback, DirectFeedback, LowRankFeedback, SparseFeedback
+from .dfa import FEEDBACK_ATTR, dfa_config
+from .feedback import (
+    ConvFeedback,
+    DenseFeedback,
+    DirectFeedback,
+    LowRankFeedback,
+    SparseFeedback,
+    SparseLowRankFeedback,
+)
+from .layers import Work, layer_type, trainable_units
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,7 @@ def costs(
     *,
     seed: int = 0,
     name: str | None = None,
+    input_dtype: torch.dtype | None = None,
     **options,
 ) -> CostReport:
     """Per-layer MACs and data movement of one training step of ``model`` trained by ``rule``.
@@ -191,6 +205,8 @@ def costs(
         input_shape: the shape of one sample, without the batch dimension.
         seed, **options: passed to ``sdfa.convert`` (e.g. ``k=1``, ``rank=4``).
         name: a label for the report (default: the model's class name).
+        input_dtype: the dtype of the traced input, e.g. ``torch.long`` for token ids (default:
+            the model's floating dtype).
 
     Returns:
         A :class:`CostReport`; ``report.macs`` is the per-sample MACs of a training step.
@@ -207,13 +223,13 @@ def costs(
             raise ValueError("options need a rule; a converted model has its rules already")
         if not converted:
             raise ValueError("rule=None prices a model converted by sdfa.convert; give a rule")
-        trace = _trace(_meta_twin(model), input_shape)
+        trace = _trace(_meta_twin(model), input_shape, input_dtype)
         rule_label = _rule_label(rules_of(model), {})
     else:
         if converted:
             raise ValueError("this model is already converted: pass rule=None to price it as is")
         twin = convert(_meta_twin(model), rule, seed=seed, inplace=True, **options)
-        trace = _trace(twin, input_shape)
+        trace = _trace(twin, input_shape, input_dtype)
         rule_label = _rule_label(rule, options)
     return CostReport(label, rule_label, _price(*trace))
 
@@ -405,7 +421,8 @@ def report(
 
 @dataclass
 class _Call:
-    """One call of a trainable layer, as seen in the traced forward pass (shapes per sample)."""
+    """One call of a trainable unit, as seen in the traced forward pass of one sample (shapes
+    with the batch dimension, of size 1)."""
 
     name: str
     module: nn.Module
@@ -433,24 +450,25 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _trace(model: nn.Module, input_shape: tuple[int, ...]):
+def _trace(model: nn.Module, input_shape: tuple[int, ...], input_dtype=None):
     """One eval-mode forward pass of a meta twin: trainable-layer calls, DFA matrices, rules."""
     calls: list[_Call] = []
     finished: dict[str, int] = {}  # module name -> order in which its forward finished
     names = {id(m): n for n, m in model.named_modules()}
+    units = {name for name, _ in trainable_units(model)}
 
     def record(module, args, out):
         name = names[id(module)]
         finished.setdefault(name, len(finished))
-        if _is_trainable(module) and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            calls.append(_Call(name, module, tuple(x.shape[1:]), tuple(out.shape[1:]),
-                               x.requires_grad))
+        if name in units and args and isinstance(args[0], torch.Tensor):
+            x, y = args[0], _first_tensor(out)
+            calls.append(_Call(name, module, tuple(x.shape), tuple(y.shape), x.requires_grad))
 
     for module in model.modules():
         module.register_forward_hook(record)
     reference = next(itertools.chain(model.parameters(), model.buffers()), None)
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else None
+    dtype = input_dtype or dtype
     try:
         with torch.enable_grad():
             model.eval()(torch.zeros((1, *input_shape), device="meta", dtype=dtype))
@@ -459,15 +477,29 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...]):
             f"running the model on one input of shape {input_shape} failed: {err}"
         ) from err
     direct = {n: m for n, m in model.named_modules() if isinstance(m, DirectFeedback)}
-    return calls, direct, finished, rules_of(model)
+    config = dfa_config(model)
+    positions = dict(config.positions) if config is not None else {}
+    return calls, direct, positions, finished, rules_of(model)
 
 
-def _is_trainable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight is not None
+def _first_tensor(value):
+    if isinstance(value, (tuple, list)):
+        return next(t for t in map(_first_tensor, value) if t is not None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
-def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict[str, int],
-           layer_rules: dict[str, str]) -> list[LayerCost]:
+def _work(call: _Call) -> Work:
+    entry = layer_type(call.module)
+    if entry is None or entry.cost is None:
+        raise ValueError(
+            f"no cost formula for {call.name!r} ({type(call.module).__name__}): register its "
+            "layer type with one, sdfa.register_layer(<type>, cost=<formula>) (sdfa.layers)"
+        )
+    return entry.cost(call.module, call.in_shape, call.out_shape)
+
+
+def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dict[str, int],
+           finished: dict[str, int], layer_rules: dict[str, str]) -> list[LayerCost]:
     rows: dict[str, LayerCost] = {}
 
     def row(name: str) -> LayerCost:
@@ -481,21 +513,20 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict
         if rule not in RULE_COSTS:
             raise ValueError(f"rule {rule!r} has no entry in sdfa.costs.RULE_COSTS; add one")
         cost = RULE_COSTS[rule]
-        forward = _forward_macs(call)
+        work = _work(call)
         own = row(call.name)
-        own.forward += forward
-        if call.module.weight.requires_grad:
-            own.update += forward
+        own.forward += work.forward
+        if any(p.requires_grad for n, p in call.module.named_parameters() if n != "feedback"):
+            own.update += work.update
         if call.input_grad:
-            # This layer sends delta @ W (or B) down to the block output it reads: that is the
-            # error of the layer that produced it (the previous trainable layer of the chain).
-            links = _connections(call)
+            # This unit sends delta @ W (or B) down to the block output it reads: that is the
+            # error of the unit that produced it (the previous trainable unit of the chain).
             target = row(previous if previous is not None else "<input>")
             target.neurons = math.prod(call.in_shape)
             target.via = cost.via
-            target.error += forward
-            target.error_values += links
-            target.weight_values += links
+            target.error += work.error
+            target.error_values += work.connections
+            target.weight_values += work.connections
             if cost.rewrites:
                 own.feedback_per_step += call.module.weight.numel()
             if cost.mirror:
@@ -504,14 +535,18 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict
         previous = call.name
 
     for path, feedback in direct.items():
-        target = row(path.removesuffix(FEEDBACK_ATTR).removesuffix("."))
+        label = path.removesuffix(FEEDBACK_ATTR).removesuffix(".")
+        target = row(label)
         target.rule = target.rule or "dfa"
         macs, gather, errors, weights, target.via = _direct_cost(feedback)
-        target.neurons = feedback.shape[1]
-        target.error += macs
-        target.gather += gather
-        target.error_values += errors
-        target.weight_values += weights
+        at = positions.get(label, 1)  # per_position: e B_l at every position
+        if label in positions:
+            target.via += f" at {at:,} positions"
+        target.neurons = feedback.shape[1] * at
+        target.error += macs * at
+        target.gather += gather * at
+        target.error_values += errors * at
+        target.weight_values += weights * at
 
     if calls:  # the output layer gets its error from the loss
         last = rows[calls[-1].name]
@@ -520,41 +555,20 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], finished: dict
     return [rows[n] for n in sorted(rows, key=lambda n: finished.get(n, -1))]
 
 
-def _forward_macs(call: _Call) -> int:
-    module = call.module
-    if isinstance(module, nn.Conv2d):
-        in_per_group = module.in_channels // module.groups
-        return math.prod(call.out_shape) * in_per_group * math.prod(module.kernel_size)
-    return math.prod(call.out_shape[:-1]) * module.in_features * module.out_features
-
-
-def _connections(call: _Call) -> int:
-    """(input value, output value) pairs joined by a weight: the MACs without padding taps."""
-    module = call.module
-    if not isinstance(module, nn.Conv2d):
-        return _forward_macs(call)
-    taps = 1
-    for dim in range(2):
-        size, out = call.in_shape[1 + dim], call.out_shape[1 + dim]
-        kernel, stride, dilation = module.kernel_size[dim], module.stride[dim], module.dilation[dim]
-        if module.padding_mode != "zeros":
-            left = -10**9  # padded values are copies of real inputs: every tap reads data
-        elif isinstance(module.padding, str):
-            left = module._reversed_padding_repeated_twice[2 * (1 - dim)]
-        else:
-            left = module.padding[dim]
-        taps *= sum(
-            1
-            for o in range(out)
-            for t in range(kernel)
-            if left < 0 or 0 <= o * stride - left + t * dilation < size
-        )
-    return module.out_channels * (module.in_channels // module.groups) * taps
-
-
 def _direct_cost(feedback: DirectFeedback) -> tuple[int, int, int, int, str]:
     """(MACs, gather MACs, error values read, feedback weights read, label) of ``e @ B_l``."""
     classes, neurons = feedback.shape
+    if isinstance(feedback, SparseLowRankFeedback):
+        r, k = feedback.index.shape
+        # e U reads the r groups of k entries of e; each neuron then reads one value of e U
+        n = r * k + neurons
+        return n, n, n, n, f"e U V (k={k}, r={r})"
+    if isinstance(feedback, ConvFeedback):
+        # e K: each of the Ch x d_1...d_n kernel outputs reads C / groups entries of e; the
+        # tiling over the positions copies, it computes nothing
+        macs = classes // feedback.groups * feedback.weight[0].numel() * feedback.groups
+        d = "x".join(map(str, feedback.weight.shape[2:]))
+        return macs, 0, macs, macs, f"e K (dilation {d}, groups={feedback.groups})"
     if isinstance(feedback, SparseFeedback):
         k = feedback.index.shape[1]
         return k * neurons, k * neurons, k * neurons, k * neurons, f"e B (k={k})"
@@ -575,7 +589,8 @@ def _rule_label(rule, options: Mapping) -> str:
     else:
         base = str(rule)
     # Only the options that change the costs: the sparsity and the rank of DFA feedback.
-    opts = ",".join(f"{k}={options[k]}" for k in ("k", "rank") if options.get(k) is not None)
+    keys = ("k", "rank", "dilation", "groups", "per_position")
+    opts = ",".join(f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False))
     return f"{base} {opts}".strip()
 
 

@@ -2,7 +2,7 @@
 
 How it works, without touching the user's layers:
 
-* Every hidden block output (by default: the input of each trainable layer after the first; or
+* Every hidden block output (by default: the input of each trainable unit after the first; or
   the outputs of the modules named in ``boundaries=``) is recorded during the forward pass and
   handed on *detached*. So no gradient travels from one block to the one below, and autograd never
   computes the discarded ``delta @ W`` products: a layer whose input is detached gets only its
@@ -10,7 +10,14 @@ How it works, without touching the user's layers:
 * After the output layer, one autograd node takes the network output y and all recorded block
   outputs h_l as inputs and returns y unchanged. Its backward receives e = dL/dy and returns e to
   y (the output layer gets its true gradient) and ``e @ B_l`` to every h_l; autograd then applies
-  the local derivatives (activation, batch norm, pooling, dropout) and computes dW_l.
+  the local derivatives of everything inside the block (activations, norms, pooling, attention,
+  recurrences: any module) and computes the gradient of every parameter of the block.
+* With ``per_position=True`` the output y has shape (batch, *positions, C) and every block output
+  (batch, *positions, d_l): B_l has shape (C, d_l) and is applied at every position.
+* A module whose output is a tuple (nn.LSTM's ``(output, (h, c))``) marks one tensor of it as its
+  block output, the first one by default or the one at the index given with
+  ``boundaries=[("lstm", (1, 0))]``; every other tensor of the tuple is detached too, so no
+  gradient crosses the boundary.
 
 The feedback matrices B_l (:mod:`sdfa.feedback`) are created at the first forward pass, when
 their size is known, as a child module ``dfa_feedback`` of the hidden layer they belong to; a
@@ -26,7 +33,7 @@ from torch import nn
 from torch.autograd import Function
 
 from . import feedback as fb
-from .layers import backprop_enabled
+from .layers import backprop_enabled, trainable_units
 
 FEEDBACK_ATTR = "dfa_feedback"
 _CONFIG_ATTR = "_sdfa_dfa"
@@ -42,19 +49,23 @@ def dfa_config(model: nn.Module) -> DirectFeedbackAlignment | None:
 
 
 class _DirectFeedback(Function):
-    """Identity on y in the forward pass; sends ``e @ B_l`` to every block output h_l backwards."""
+    """Identity on y in the forward pass; sends ``e @ B_l`` to every block output h_l backwards.
+
+    ``per_position``: e of shape (batch, *positions, C) is projected at every position.
+    """
 
     @staticmethod
-    def forward(ctx, feedbacks, y, *hidden):
+    def forward(ctx, per_position, feedbacks, y, *hidden):
+        ctx.per_position = per_position
         ctx.feedbacks = feedbacks
         ctx.shapes = [h.shape for h in hidden]
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
-        e = grad.flatten(1)
+        e = grad.reshape(-1, grad.shape[-1]) if ctx.per_position else grad.flatten(1)
         hidden = [f.project(e).reshape(shape) for f, shape in zip(ctx.feedbacks, ctx.shapes)]
-        return (None, grad, *hidden)
+        return (None, None, grad, *hidden)
 
 
 class DirectFeedbackAlignment:
@@ -73,13 +84,32 @@ class DirectFeedbackAlignment:
         output=None,
         boundaries=None,
         example_input=None,
+        per_position=False,
+        dilation=None,
+        groups=None,
     ):
         if not layers:
-            raise ValueError("rule 'dfa' found no trainable nn.Linear / nn.Conv2d layer to train")
+            raise ValueError(
+                "rule 'dfa' found no trainable unit to train (sdfa.layers.LAYERS lists the layer "
+                "types; add yours with sdfa.register_layer)"
+            )
+        if not isinstance(per_position, bool):
+            raise ValueError(f"per_position must be True or False; got {per_position!r}")
+        if per_position and dilation is not None:
+            raise ValueError(
+                "per_position=True shares B over positions; dilation= (convolutional feedback) "
+                "takes a per-sample error: choose one"
+            )
         self.seed = seed
-        self.options = {"k": k, "rank": rank, "init": init, "scale": scale}
-        self.boundaries = boundaries
+        self.per_position = per_position
+        self.options = {
+            "k": k, "rank": rank, "init": init, "scale": scale, "dilation": dilation,
+            "groups": groups,
+        }
+        self.boundaries = _parse_boundaries(boundaries)
         self.modules = dict(model.named_modules())
+        self.provisional: set[str] = set()  # matrices made at convert(), before any forward
+        self.positions: dict[str, int] = {}  # per_position: positions of each block output
         names = [name for name, _ in layers]
         self.output_name = output if output is not None else names[-1]
         if self.output_name not in names:
@@ -89,7 +119,7 @@ class DirectFeedbackAlignment:
             )
         output_layer = self.modules[self.output_name]
         num_classes = output_layer.out_features if isinstance(output_layer, nn.Linear) else None
-        fb.check_options(num_classes, k, rank, init)
+        fb.check_options(num_classes, k, rank, init, dilation, groups)
         self.pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
         self.output_ran = False
         setattr(model, _CONFIG_ATTR, self)
@@ -99,24 +129,26 @@ class DirectFeedbackAlignment:
         model.register_load_state_dict_pre_hook(self._create_from_state_dict)
         output_layer.register_forward_pre_hook(partial(self._detach_input, self.output_name))
         output_layer.register_forward_hook(self._project)
-        if boundaries is None:
-            # Chain mode: the input of each trainable layer is the block output of the trainable
-            # layer registered before it (exact for nn.Sequential and for models that define
-            # their layers in the order they run).
-            trainable = [n for n, m in model.named_modules() if _is_trainable_layer(m)]
+        if self.boundaries is None:
+            # Chain mode: the input of each trainable unit is the block output of the unit
+            # registered before it (exact for nn.Sequential and for models that define their
+            # layers in the order they run).
+            trainable = [n for n, _ in trainable_units(model)]
             self.producer = {
                 n: trainable[trainable.index(n) - 1] if trainable.index(n) else None for n in names
             }
             for name in names:
                 if name != self.output_name:
                     self.modules[name].register_forward_pre_hook(partial(self._detach_input, name))
+            if names == trainable and self.output_name == names[-1] and example_input is None:
+                self._create_for_linear_chain(names)
         else:
-            missing = [b for b in boundaries if b not in self.modules]
+            missing = [b for b in self.boundaries if b not in self.modules]
             if missing:
                 raise ValueError(f"boundaries name no module of the model: {', '.join(missing)}")
             self.producer = {self.output_name: None}
-            for name in boundaries:
-                self.modules[name].register_forward_hook(partial(self._detach_output, name))
+            for name, path in self.boundaries.items():
+                self.modules[name].register_forward_hook(partial(self._detach_output, name, path))
 
         if example_input is not None:  # create B now, without touching BatchNorm statistics
             was_training = model.training
@@ -178,12 +210,19 @@ class DirectFeedbackAlignment:
                     )
                 return None
             self._record(label, x)
-        return (self.pending[id(x)][2], *args[1:])
+        if len(args) == 1:
+            return (self.pending[id(x)][2],)
+        # the unit's other tensor inputs (attention's key and value) are cut off too: no
+        # gradient crosses a block boundary
+        return (self.pending[id(x)][2], *(_detached(a) for a in args[1:]))
 
-    def _detach_output(self, name, module, args, out):
-        if not self._active(out):
+    def _detach_output(self, name, path, module, args, out):
+        if path is None and isinstance(out, torch.Tensor):  # the common case, kept fast
+            return self._record(name, out) if self._active(out) else None
+        chosen, path = _pick(out, path, name)
+        if not self._active(chosen):
             return None
-        return self._record(name, out)
+        return _rebuild(out, path, self._record(name, chosen))
 
     def _project(self, module, args, y):
         if backprop_enabled():
@@ -193,48 +232,116 @@ class DirectFeedbackAlignment:
             return None
         entries = list(self.pending.values())
         self.pending.clear()
-        num_classes = y.shape[1:].numel()  # not y[0]: Poisson sampling makes empty batches
         labels = [label for label, _, _ in entries]
         if len(set(labels)) < len(labels):
             raise RuntimeError(
                 f"DFA: several block outputs were attributed to the same layer ({labels}); the "
                 "layers do not form a chain. Name the block outputs with boundaries=[...]."
             )
-        feedbacks = tuple(self._feedback(label, h, num_classes) for label, h, _ in entries)
-        return _DirectFeedback.apply(feedbacks, y, *(h for _, h, _ in entries))
+        feedbacks = tuple(self._feedback(label, h, y) for label, h, _ in entries)
+        if self.provisional:  # the first forward pass confirmed the matrices made at convert()
+            self.provisional.clear()
+        return _DirectFeedback.apply(self.per_position, feedbacks, y, *(h for _, h, _ in entries))
 
     # -- feedback matrices ----------------------------------------------------------------------
 
-    def _feedback(self, label: str, h: torch.Tensor, num_classes: int) -> fb.DirectFeedback:
+    def _sizes(self, label: str, h: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+        """(C, N) of the feedback matrix that block output ``h`` needs for output ``y``."""
+        if h.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"the block output of {label!r} has shape {tuple(h.shape)} and the output of "
+                f"{self.output_name!r} {tuple(y.shape)}: a block output must have the batch "
+                "dimension first (nn.RNN/LSTM/GRU's h_n is (layers, batch, hidden): mark the "
+                "output sequence, or a module that returns h_n batch first)"
+            )
+        if not self.per_position:  # y.shape, not y[0]: Poisson sampling makes empty batches
+            return y.shape[1:].numel(), h.shape[1:].numel()
+        if h.dim() != y.dim() or h.shape[:-1] != y.shape[:-1]:
+            raise ValueError(
+                f"per_position=True needs every block output to have the positions of the output "
+                f"(batch, *positions, features): the block output of {label!r} has shape "
+                f"{tuple(h.shape)}, the output of {self.output_name!r} {tuple(y.shape)}"
+            )
+        self.positions[label] = h.shape[1:-1].numel()
+        return y.shape[-1], h.shape[-1]
+
+    def _feedback(self, label: str, h: torch.Tensor, y: torch.Tensor) -> fb.DirectFeedback:
         owner = self.modules[label]
-        num_neurons = h.shape[1:].numel()
+        num_classes, num_neurons = self._sizes(label, h, y)
         feedback = getattr(owner, FEEDBACK_ATTR, None)
+        if feedback is not None and (
+            feedback.shape != (num_classes, num_neurons)
+            or (isinstance(feedback, fb.ConvFeedback) and feedback.sample_shape != h.shape[1:])
+        ):
+            if label not in self.provisional:
+                raise RuntimeError(
+                    f"DFA: the feedback matrix of {label!r} has shape {feedback.shape} but this "
+                    f"forward pass needs ({num_classes}, {num_neurons}): did the input size "
+                    "change?"
+                )
+            feedback = None  # made at convert() for one feature vector per sample: remake it
         if feedback is None:
-            feedback = fb.make_feedback(
-                num_classes,
-                num_neurons,
-                seed=self.seed,
-                name=label,
-                dtype=h.dtype,
-                device=h.device,
-                **self.options,
-            )
-            owner.add_module(FEEDBACK_ATTR, feedback)
-        elif feedback.shape != (num_classes, num_neurons):
-            raise RuntimeError(
-                f"DFA: the feedback matrix of {label!r} has shape {feedback.shape} but this "
-                f"forward pass needs ({num_classes}, {num_neurons}): did the input size change?"
-            )
+            feedback = self._make(label, num_classes, num_neurons, h.shape[1:], h.dtype, h.device)
         return feedback
+
+    def _make(self, label, num_classes, num_neurons, sample_shape, dtype, device):
+        options = self.options
+        if options["dilation"] is not None and len(sample_shape) < 2:
+            # convolutional feedback is for (channels, *positions) block outputs; a flat one
+            # (the input of a classifier's Linear) gets the dense matrix
+            options = {**options, "dilation": None, "groups": None}
+        feedback = fb.make_feedback(
+            num_classes,
+            num_neurons,
+            seed=self.seed,
+            name=label,
+            sample_shape=tuple(sample_shape),
+            dtype=dtype,
+            device=device,
+            **options,
+        )
+        self.modules[label].add_module(FEEDBACK_ATTR, feedback)
+        return feedback
+
+    def _create_for_linear_chain(self, names: list[str]) -> None:
+        """Make B at convert() when every size is known: a chain whose units after the first,
+        the output included, are nn.Linear (so ``feedback_matrices`` works before any forward
+        pass). Assumes one feature vector per sample (or per position); a first forward pass
+        that needs other sizes remakes them from the seed."""
+        consumers = names[1:]
+        if (
+            self.options["dilation"] is not None
+            or not consumers
+            or not all(isinstance(self.modules[n], nn.Linear) for n in consumers)
+            or not all(p.requires_grad for n in names for p in self.modules[n].parameters())
+        ):
+            return
+        num_classes = self.modules[self.output_name].out_features
+        for label, consumer in zip(names, consumers):
+            weight = self.modules[consumer].weight
+            n = weight.shape[1]
+            self._make(label, num_classes, n, (n,), weight.dtype, weight.device)
+            self.provisional.add(label)
 
     def _create_from_state_dict(self, module, state_dict, prefix, *args):
         """Create empty feedback modules for the ones a checkpoint holds, so loading fills them."""
+        self.provisional.clear()  # loaded matrices are the user's, never remade
         for label, owner in self.modules.items():
             key = f"{prefix}{label}.{FEEDBACK_ATTR}." if label else f"{prefix}{FEEDBACK_ATTR}."
             if getattr(owner, FEEDBACK_ATTR, None) is not None:
                 continue
-            if key + "weight" in state_dict:
+            extra = state_dict.get(key + "_extra_state") or {}
+            if key + "weight" in state_dict and "groups" in extra:
+                empty = fb.ConvFeedback(
+                    torch.empty_like(state_dict[key + "weight"]), extra["groups"], extra["shape"]
+                )
+            elif key + "weight" in state_dict:
                 empty = fb.DenseFeedback(torch.empty_like(state_dict[key + "weight"]))
+            elif key + "group" in state_dict:
+                empty = fb.SparseLowRankFeedback(
+                    *(torch.empty_like(state_dict[key + n]) for n in ("index", "u", "group", "v")),
+                    extra["num_classes"],
+                )
             elif key + "index" in state_dict:
                 empty = fb.SparseFeedback(
                     torch.empty_like(state_dict[key + "index"]),
@@ -250,7 +357,67 @@ class DirectFeedbackAlignment:
             owner.add_module(FEEDBACK_ATTR, empty)
 
 
-def _is_trainable_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) and any(
-        p is not None for p in module._parameters.values()
-    )
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
+
+
+def _parse_boundaries(boundaries) -> dict[str, tuple[int, ...] | None] | None:
+    """``["a", ("lstm", 0), ("rnn", (1, 0))]`` -> {name: index path into the module's output}."""
+    if boundaries is None:
+        return None
+    if isinstance(boundaries, str) or not isinstance(boundaries, (list, tuple)):
+        raise ValueError(
+            f"boundaries must be a list of module names (or (name, index) pairs for modules "
+            f"whose output is a tuple); got {boundaries!r}"
+        )
+    parsed = {}
+    for entry in boundaries:
+        name, index = (entry, None) if isinstance(entry, str) else (tuple(entry) + (None,))[:2]
+        path = (index,) if isinstance(index, int) else index
+        if not isinstance(name, str) or not (
+            path is None or (isinstance(path, tuple) and all(isinstance(i, int) for i in path))
+        ):
+            raise ValueError(
+                f"a boundary is a module name or a (name, index) pair, the index an int or a "
+                f"tuple of ints into the module's output; got {entry!r}"
+            )
+        parsed[name] = path
+    return parsed
+
+
+def _pick(out, path, name):
+    """The tensor at ``path`` in a module's output (None: the first tensor), and its path."""
+    if path is None:
+        stack = [((), out)]
+        while stack:
+            where, value = stack.pop(0)
+            if isinstance(value, torch.Tensor):
+                return value, where
+            if isinstance(value, (tuple, list)):
+                stack[:0] = [(where + (i,), v) for i, v in enumerate(value)]
+        raise RuntimeError(f"DFA: the output of boundary {name!r} holds no tensor")
+    value = out
+    try:
+        for i in path:
+            value = value[i]
+    except (IndexError, TypeError, KeyError):
+        value = None
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            f"DFA: boundary ({name!r}, {path}) picks no tensor of the module's output "
+            f"({type(out).__name__}); give the index of a tensor in it"
+        )
+    return value, path
+
+
+def _rebuild(out, path, chosen):
+    """``out`` with ``chosen`` at ``path`` and every other tensor detached (path None: off it)."""
+    if isinstance(out, torch.Tensor):
+        return chosen if path == () else out.detach()
+    if isinstance(out, (tuple, list)):
+        items = [
+            _rebuild(v, path[1:] if path and path[0] == i else None, chosen)
+            for i, v in enumerate(out)
+        ]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+    return out

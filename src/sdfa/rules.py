@@ -3,10 +3,10 @@
 A rule decides one thing: what a trainable layer sends back towards its input in the backward
 pass (see ``shared/DESIGN.md``). Each rule is a small class registered by name; ``convert()``
 looks the name up, builds the rule with the user's options and lets it ``apply`` itself to the
-trainable layers (nn.Linear, nn.Conv2d) of its part of the model.
+trainable units of its part of the model (the layer types of :mod:`sdfa.layers`).
 
-* layer-wise rules (:class:`LayerwiseRule`) swap each layer for a :mod:`sdfa.layers` twin whose
-  backward uses ``rule.feedback(layer)`` in place of W;
+* layer-wise rules (:class:`LayerwiseRule`) swap each unit for its registered :mod:`sdfa.layers`
+  twin, whose backward uses ``rule.feedback(layer)`` in place of W;
 * ``dfa`` (:mod:`sdfa.dfa`) cuts the chain between layers and sends the output error straight to
   every hidden block through fixed random matrices.
 """
@@ -19,15 +19,19 @@ import torch
 from torch import nn
 
 from . import feedback as fb
-from .layers import FEEDBACK_LAYERS, backprop_enabled
+from .layers import backprop_enabled, twin_of
+from .registry import Registry
 
-RULES: dict[str, type[Rule]] = {}
+RULES: Registry[type[Rule]] = Registry("rule")
 
 
 def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Class decorator: make ``cls`` available to ``convert()`` under ``cls.name``."""
-    RULES[cls.name] = cls
-    return cls
+    """Class decorator: make ``cls`` available to ``convert()`` under ``cls.name``.
+
+    Raises:
+        ValueError: a rule of that name is registered already.
+    """
+    return RULES.register(cls.name, cls)
 
 
 def available_rules() -> list[str]:
@@ -36,11 +40,13 @@ def available_rules() -> list[str]:
 
 
 class Rule:
-    """Base class. ``options`` maps each keyword the rule accepts to its default."""
+    """Base class. ``options`` maps each keyword the rule accepts to its default;
+    ``needs_twin``: the rule swaps every unit for its layer-wise twin (sdfa.layers)."""
 
     name: str = ""
     paper: str = ""
     options: dict[str, object] = {}
+    needs_twin = False
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -89,6 +95,9 @@ class DFA(Rule):
         "output": None,
         "boundaries": None,
         "example_input": None,
+        "per_position": False,
+        "dilation": None,
+        "groups": None,
     }
 
     def apply(self, model, layers, seed):
@@ -120,6 +129,7 @@ class LayerwiseRule(Rule):
     """
 
     options = {"scale": None}
+    needs_twin = True  # convert() checks that every unit of the part has one
     learned_feedback = True
     derived_feedback = False
 
@@ -136,7 +146,7 @@ class LayerwiseRule(Rule):
 
     def apply(self, model, layers, seed):
         for name, module in layers:
-            swapped = FEEDBACK_LAYERS[type(module)].from_module(module, self)
+            swapped = twin_of(module).from_module(module, self)
             self.setup(swapped, fb.generator(seed, name))
             if not name:
                 return swapped

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import TRAINABLE_LAYERS, convert, rules_of
+from ..convert import convert, rules_of
 from ..dfa import FEEDBACK_ATTR
-from ..layers import backprop
+from ..layers import backprop, is_trainable
 from .comm import Comm
 
 
@@ -80,11 +80,11 @@ def blocks_of(model: nn.Module, *, output_last: bool = False) -> list[Block]:
     blocks: list[Block] = []
     leading: list[str] = []
     for name, unit in units:
-        if _trainable(unit):
+        if is_trainable(unit):
             blocks.append(Block(leading + [name], name))
             leading = []
             continue
-        inner = [f"{name}.{n}" for n, m in unit.named_modules() if _trainable(m)]
+        inner = [f"{name}.{n}" for n, m in unit.named_modules() if is_trainable(m)]
         if inner:
             raise ValueError(
                 f"{name!r} ({type(unit).__name__}) holds trainable layer(s) {', '.join(inner)}: "
@@ -96,8 +96,8 @@ def blocks_of(model: nn.Module, *, output_last: bool = False) -> list[Block]:
         else:
             leading.append(name)
     if not blocks:
-        raise ValueError("the model has no trainable nn.Linear / nn.Conv2d layer")
-    if output_last and not _trainable(units[-1][1]):
+        raise ValueError("the model has no trainable unit (sdfa.layers: Linear, Conv, ...)")
+    if output_last and not is_trainable(units[-1][1]):
         raise ValueError(
             "DFA takes the output error at the output layer: the last module of the model must "
             f"be its last trainable layer, not {type(units[-1][1]).__name__}. Move trailing "
@@ -472,11 +472,3 @@ def _check_feedback(feedback_of: dict, blocks: Sequence[Block], outputs) -> None
 
 def _cpu(value):
     return value.cpu() if isinstance(value, torch.Tensor) else value
-
-
-def _trainable(module: nn.Module) -> bool:
-    return isinstance(module, TRAINABLE_LAYERS) and any(
-        p is not None for p in module._parameters.values()
-    )
-
-

@@ -30,9 +30,10 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from ..convert import TRAINABLE_LAYERS, rules_of
+from ..convert import rules_of
 from ..dfa import FEEDBACK_ATTR, dfa_config
 from ..feedback import DirectFeedback
+from ..layers import is_trainable
 from . import bounds
 
 
@@ -300,7 +301,7 @@ def _sequence(model: nn.Module) -> list[str]:
         if isinstance(module, DirectFeedback):
             continue
         children = [c for c in module.children() if not isinstance(c, DirectFeedback)]
-        if isinstance(module, TRAINABLE_LAYERS) or not children:
+        if is_trainable(module) or not children:
             names.append(name)
     return names
 
