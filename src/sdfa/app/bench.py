@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from ..convert import convert
 from ..costs import costs
+from ..feedback import DirectFeedback
 from ..models import build_model
 from ..models.mlp import mlp
 from ..rules import RULES
@@ -87,6 +89,24 @@ WORKLOADS = {
             32,
             lambda: build_model("crafton-cifar-conv", (3, 32, 32), 10),
         ),
+        # Crafton et al.'s ImageNet heads on transferred features: 1000 classes, where sparse
+        # feedback saves most (the e @ B of dense DFA reads a 1000 x 4096 matrix per layer).
+        Workload(
+            "alexnet-head",
+            "Crafton AlexNet head FC 9216-4096-4096-1000 tanh, batch 64",
+            (256, 6, 6),
+            64,
+            lambda: build_model("crafton-alexnet-head", (256, 6, 6), 1000, dropout=0.0),
+            num_classes=1000,
+        ),
+        Workload(
+            "vgg-head",
+            "Crafton VGG head FC 25088-4096-4096-1000 tanh, batch 64",
+            (512, 7, 7),
+            64,
+            lambda: build_model("crafton-vgg-head", (512, 7, 7), 1000, dropout=0.0),
+            num_classes=1000,
+        ),
         _mlp("tiny", 64, (32, 32), "smoke test:", batch=16),
     ]
 }
@@ -95,8 +115,9 @@ GROUPS = {
     "depth": ["mlp", "depth-4", "depth-8"],  # mlp has 2 hidden layers of 1000
     "width": ["width-256", "width-1024", "width-4096"],
     "conv": ["cifar-conv"],
+    "heads": ["alexnet-head", "vgg-head"],
 }
-GROUPS["all"] = [w for g in ("main", "depth", "width", "conv") for w in GROUPS[g]]
+GROUPS["all"] = [w for g in ("main", "depth", "width", "conv", "heads") for w in GROUPS[g]]
 DEFAULT_CONTENDERS = ["autograd", "bp", "fa", "usf", "dfa", "dfa:k=1", "dfa:rank=2"]
 BIOTORCH_CONTENDERS = [f"biotorch-{r}" for r in ("bp", "fa", "usf", "dfa")]
 
@@ -208,7 +229,7 @@ def peak_step_memory(step: TrainingStep, device: torch.device) -> int:
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     )
-    with profiler:
+    with _quiet(profiler):
         step()
     events = sorted(
         (e.start_ns(), e.nbytes())
@@ -220,6 +241,49 @@ def peak_step_memory(step: TrainingStep, device: torch.device) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet(profiler):
+    """Enter and leave ``profiler`` with the process's stderr closed: kineto writes a
+    "USDT ... profiler_start/stop" line to file descriptor 2 each time, which no setting turns
+    off. Only the start and the stop are silenced, never the profiled code."""
+    with _no_fd2():
+        profiler.__enter__()
+    try:
+        yield profiler
+    finally:
+        with _no_fd2():
+            profiler.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _no_fd2():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# A spread needs enough rounds to mean something: the interquartile range of fewer is noise.
+MIN_ROUNDS_FOR_SPREAD = 5
+
+
+def _spread(q1: float, q3: float, median: float, rounds: int) -> float | None:
+    return (q3 - q1) / median if rounds >= MIN_ROUNDS_FOR_SPREAD else None
+
+
+def feedback_bytes(model: nn.Module) -> int:
+    """Bytes of the fixed DFA feedback matrices of ``model`` (sparse: index + value)."""
+    return sum(
+        b.numel() * b.element_size()
+        for m in model.modules() if isinstance(m, DirectFeedback) for b in m.buffers()
+    )
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -234,7 +298,7 @@ def profile_table(step: TrainingStep, steps: int, device: torch.device, rows: in
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with _quiet(torch.profiler.profile(activities=activities)) as prof:
         for _ in range(steps):
             step()
         _sync(device)
@@ -308,12 +372,13 @@ def bench_workload(
                 "steps_per_round": per_round,
                 "step_seconds": times[c.label],
                 "samples_per_s": workload.batch / median,
-                "spread": (q3 - q1) / median,
+                "spread": _spread(q1, q3, median, len(times[c.label])),
                 "ratio_to_autograd": ratio,
-                "ratio_spread": (r3 - r1) / ratio,
+                "ratio_spread": _spread(r1, r3, ratio, len(ratios)),
                 "mac_bound": bounds[key],
                 "fraction_of_bound": ratio / bounds[key],
                 "peak_memory_bytes": peak_step_memory(steps[c.label], device),
+                "feedback_bytes": feedback_bytes(steps[c.label].model),
             }
         )
         if profile:
@@ -335,19 +400,29 @@ def check_targets(results: list[dict]) -> list[dict]:
 
     for w in workloads:
         dfa = by.get((w, "dfa"))
-        if dfa and w in ("mlp", "cifar-fc"):
+        if dfa and w != "tiny":
             value = dfa["fraction_of_bound"]
-            add("dense DFA speed-up / MAC bound", w, value, ">= 0.90", value >= 0.90)
+            add("dense DFA speed-up / MAC bound", w, value, ">= 0.95", value >= 0.95)
         if dfa and (k1 := by.get((w, "dfa:k=1"))):
             value = k1["ratio_to_autograd"] / dfa["ratio_to_autograd"]
-            add("DFA k=1 speed / dense DFA speed", w, value, ">= 1.00", value >= 1.0)
+            many = w in GROUPS["heads"]  # 1000 classes: the sparse advantage exists
+            goal = 1.05 if many else 1.0
+            add("DFA k=1 speed / dense DFA speed", w, value, f">= {goal:.2f}", value >= goal)
+            if many and dfa.get("feedback_bytes"):
+                value = k1["feedback_bytes"] / dfa["feedback_bytes"]
+                # k of C entries, each an int64 index and a float32 value (3 words, not 1)
+                add("DFA k=1 feedback memory / dense", w, value, "<= 3k/C (index + value)",
+                    value <= 3 / WORKLOADS[w].num_classes)
         if bp := by.get((w, "bp")):
             value = bp["ratio_to_autograd"]
             add("sdfa bp speed / autograd", w, value, "0.97 .. 1.03", abs(value - 1) <= 0.03)
-        for rule in ("fa", "usf"):
+        if r := by.get((w, "fa")):
+            value = r["ratio_to_autograd"]
+            add("sdfa fa speed / autograd", w, value, ">= 0.90", value >= 0.90)
+        for rule in ("usf", "frsf"):
             if r := by.get((w, rule)):
                 value = r["ratio_to_autograd"]
-                add(f"sdfa {rule} speed / autograd", w, value, ">= 0.90", value >= 0.90)
+                add(f"sdfa {rule} speed / autograd", w, value, ">= 0.95", value >= 0.95)
         if dfa and (bio := by.get((w, "biotorch-dfa"))):
             value = dfa["ratio_to_autograd"] / bio["ratio_to_autograd"]
             add("sdfa DFA speed / biotorch DFA", w, value, ">= 1.30", value >= 1.30)
@@ -370,16 +445,21 @@ def check_targets(results: list[dict]) -> list[dict]:
 def format_table(results: list[dict]) -> str:
     head = (
         f"{'workload':11s} {'contender':14s} {'samples/s':>10s} {'spread':>7s} "
-        f"{'x autograd':>10s} {'MAC bound':>9s} {'of bound':>8s} {'peak MB':>8s}"
+        f"{'x autograd':>10s} {'MAC bound':>9s} {'of bound':>8s} {'peak MB':>8s} {'B MB':>7s}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r['workload']:11s} {r['contender']:14s} {r['samples_per_s']:10.0f} "
-            f"{r['spread']:6.1%} {r['ratio_to_autograd']:10.3f} {r['mac_bound']:9.3f} "
-            f"{r['fraction_of_bound']:8.1%} {r['peak_memory_bytes'] / 2**20:8.1f}"
+            f"{_percent(r['spread']):>7s} {r['ratio_to_autograd']:10.3f} {r['mac_bound']:9.3f} "
+            f"{r['fraction_of_bound']:8.1%} {r['peak_memory_bytes'] / 2**20:8.1f} "
+            f"{r.get('feedback_bytes', 0) / 2**20:7.2f}"
         )
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def format_checks(checks: list[dict]) -> str:
