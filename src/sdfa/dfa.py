@@ -58,13 +58,18 @@ class _DirectFeedback(Function):
     def forward(ctx, per_position, feedbacks, y, *hidden):
         ctx.per_position = per_position
         ctx.feedbacks = feedbacks
-        ctx.shapes = [h.shape for h in hidden]
+        ctx.shapes = [(h.shape, h.dtype) for h in hidden]
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
         e = grad.reshape(-1, grad.shape[-1]) if ctx.per_position else grad.flatten(1)
-        hidden = [f.project(e).reshape(shape) for f, shape in zip(ctx.feedbacks, ctx.shapes)]
+        # Under autocast e and h are bfloat16 while B keeps float32: project in B's dtype and
+        # hand each block output a gradient of its own dtype (both casts are no-ops otherwise).
+        hidden = [
+            f.project(e.to(f.dtype)).reshape(shape).to(dtype)
+            for f, (shape, dtype) in zip(ctx.feedbacks, ctx.shapes)
+        ]
         return (None, None, grad, *hidden)
 
 
@@ -281,7 +286,10 @@ class DirectFeedbackAlignment:
                 )
             feedback = None  # made at convert() for one feature vector per sample: remake it
         if feedback is None:
-            feedback = self._make(label, num_classes, num_neurons, h.shape[1:], h.dtype, h.device)
+            # float32 at least: a first forward pass under autocast (bfloat16) must not make B
+            # a bfloat16 matrix
+            dtype = torch.promote_types(h.dtype, torch.float32)
+            feedback = self._make(label, num_classes, num_neurons, h.shape[1:], dtype, h.device)
         return feedback
 
     def _make(self, label, num_classes, num_neurons, sample_shape, dtype, device):

@@ -96,6 +96,11 @@ class DirectFeedback(nn.Module):
     def shape(self) -> tuple[int, int]:
         return tuple(self.dense().shape)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of B's values (the error is cast to it: under autocast e is bfloat16)."""
+        return next(b.dtype for b in self.buffers() if b.is_floating_point())
+
 
 class DenseFeedback(DirectFeedback):
     def __init__(self, weight: torch.Tensor):

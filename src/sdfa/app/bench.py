@@ -197,17 +197,21 @@ def _prepare(contender: Contender, base: nn.Module, num_classes: int):
 
 
 class TrainingStep:
-    """forward + cross-entropy + backward + SGD step of one model on a fixed batch."""
+    """forward + cross-entropy + backward + SGD step of one model on a fixed batch; the forward
+    pass and the loss under ``torch.autocast`` when ``autocast`` names a dtype (bf16)."""
 
-    def __init__(self, model: nn.Module, needs_targets: bool, x, y):
+    def __init__(self, model: nn.Module, needs_targets: bool, x, y, autocast=None):
         self.model, self.needs_targets, self.x, self.y = model, needs_targets, x, y
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+        self.autocast = autocast
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self.x, self.y
-        out = self.model(x, y, F.cross_entropy) if self.needs_targets else self.model(x)
-        F.cross_entropy(out, y).backward()
+        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model(x, y, F.cross_entropy) if self.needs_targets else self.model(x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
         self.optimizer.step()
 
 
@@ -317,6 +321,7 @@ def bench_workload(
     clock: str = "wall",
     seed: int = 0,
     profile: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> list[dict]:
     """Time, measure and bound every contender on one workload; one result dict per contender."""
     now = CLOCKS[clock]
@@ -328,7 +333,7 @@ def bench_workload(
     steps = {}
     for c in contenders:
         model, needs_targets = _prepare(c, base, workload.num_classes)
-        steps[c.label] = TrainingStep(model.to(device), needs_targets, x, y)
+        steps[c.label] = TrainingStep(model.to(device), needs_targets, x, y, autocast)
 
     for step in steps.values():
         for _ in range(warmup):
@@ -484,9 +489,16 @@ def run(
     clock: str = "wall",
     seed: int = 0,
     profile: bool = False,
+    autocast: str | None = None,
     out=print,
 ) -> dict:
-    """Run the benchmark; print the table and the targets; return everything as a dict."""
+    """Run the benchmark; print the table and the targets; return everything as a dict.
+
+    ``autocast="bf16"`` runs each step's forward pass and loss under ``torch.autocast`` with
+    bfloat16 (weights, gradients and the optimizer stay float32)."""
+    if autocast not in (None, "bf16"):
+        raise ValueError(f"autocast must be bf16 (or left out for float32); got {autocast!r}")
+    cast = torch.bfloat16 if autocast else None
     if rounds < 1 or warmup < 1:
         raise ValueError(f"rounds and warmup must be >= 1; got {rounds} and {warmup}")
     if not round_time > 0:
@@ -518,7 +530,7 @@ def run(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "flush_denormal": True,
-        "dtype": "float32",
+        "dtype": "bf16 autocast" if cast else "float32",
         "optimizer": f"SGD lr={LEARNING_RATE}",
         "clock": clock,
         "rounds": rounds,
@@ -529,7 +541,7 @@ def run(
     }
     out(
         f"sdfa bench: torch {meta['torch']}, {dev.type} ({meta['device']}), "
-        f"{meta['threads']} threads, float32, SGD, {rounds} rounds, {clock} clock, "
+        f"{meta['threads']} threads, {meta['dtype']}, SGD, {rounds} rounds, {clock} clock, "
         f"load average {meta['load_average_start']}"
     )
     results = []
@@ -547,6 +559,7 @@ def run(
                 clock=clock,
                 seed=seed,
                 profile=profile,
+                autocast=cast,
             )
         out(format_table(rows))
         results += rows

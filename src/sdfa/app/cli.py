@@ -517,6 +517,7 @@ def _bench(args) -> int:
             clock=args.clock,
             seed=args.seed,
             profile=args.profile,
+            autocast=args.autocast,
         )
     except ValueError as err:
         return _error("bench", err)
@@ -565,6 +566,8 @@ def _add_bench(commands) -> None:
         "machine (use with --threads 1)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds weights, data and feedback")
+    p.add_argument("--autocast", choices=["bf16"],
+                   help="forward pass and loss under torch.autocast in bfloat16 (default float32)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--quick", action="store_true", help="few short rounds: a smoke run")
     p.add_argument("--profile", action="store_true",

@@ -31,13 +31,14 @@ class _ConvFeedback(Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, feedback = ctx.saved_tensors
+        x = x.to(grad.dtype)  # under autocast grad is bfloat16 (see _LinearFeedback)
         stride, padding, dilation, transposed, output_padding, groups = ctx.conv
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
 
         def conv_backward(w, mask):
             return torch.ops.aten.convolution_backward(
-                grad, x, w, [out_channels] if ctx.has_bias else None,
+                grad, x, w.to(grad.dtype), [out_channels] if ctx.has_bias else None,
                 stride, padding, dilation, transposed, output_padding, groups, mask,
             )
 

@@ -26,10 +26,13 @@ class _LinearFeedback(Function):
     def backward(ctx, grad):
         x, feedback, _ = ctx.saved_tensors
         need_x, need_w, need_b, need_fb, _ = ctx.needs_input_grad
-        grad_x = grad @ backward_feedback(feedback, ctx.layer) if need_x else None
+        # Under autocast the output (so grad) is bfloat16 while x, W and B may be float32: work
+        # in grad's dtype (autograd casts each returned gradient to its input's dtype).
+        dtype = grad.dtype
+        grad_x = grad @ backward_feedback(feedback, ctx.layer).to(dtype) if need_x else None
         grad_w = grad_b = None
         if need_w or need_fb:
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)
         if need_b:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_w if need_w else None, grad_b, grad_w if need_fb else None, None
