@@ -95,9 +95,11 @@ class StopAfter(Callback):
 
 
 def test_resumed_private_run_equals_an_uninterrupted_one(tmp_path, privacy="dp-noisy-projection"):
-    """The accountant, the adaptive thresholds, the Poisson sampling and the noise continue
-    from the checkpoint: same weights, same epsilon."""
-    noise = {"privacy": privacy, "epsilon": None, "noise_multiplier": 1.0}  # no calibration
+    """In the reproducible (debugging, not private) mode, the accountant, the adaptive
+    thresholds, the Poisson sampling and the noise continue from the checkpoint: same weights,
+    same epsilon. (Secret noise: test_resumed_secret_run_keeps_its_accounting.)"""
+    noise = {"privacy": privacy, "epsilon": None, "noise_multiplier": 1.0,  # no calibration
+             "privacy_noise": "seeded"}
     straight = train(small(tmp_path, "straight", **noise))
     config = small(tmp_path, "resumed", **noise)
     with pytest.raises(KeyboardInterrupt):
