@@ -56,8 +56,7 @@ def fit(values: dict, data, callbacks=()) -> dict:
         seed_everything(config.seed)
         callbacks = [*callbacks, *callbacks_for(config)]
         trainer = build_trainer(config, data, build_model(config, data), Path(out), callbacks)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        with warnings.catch_warnings():  # a PyTorch note on Opacus's hooks, not about privacy
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             return trainer.fit()
 
@@ -112,13 +111,13 @@ class SignalFraction(Callback):
         data = trainer.task.data
         images, labels = data.train[: self.samples]
         x = prepare_batch(images, data)
-        clip = privacy.config.privacy_options.get("max_grad_norm")
+        clip = privacy.options.get("max_grad_norm")
         model.train()
         total = 0.0
         for i in range(self.samples):
-            model.zero_grad()
-            for p in model.parameters():
-                p.grad_sample = None  # Opacus's per-example gradients of the last batch
+            # clears .grad, Opacus's per-example gradients and the mechanism's records: each
+            # example is one backward pass, never a step
+            trainer.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
             if mechanism is None:  # dp-sgd
                 norm = torch.cat([p.grad_sample.flatten() for p in model.parameters()]).norm()
@@ -126,11 +125,7 @@ class SignalFraction(Callback):
             else:
                 norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
                 total += norm.item() / mechanism.sensitivity()
-        model.zero_grad()
-        for p in model.parameters():
-            p.grad_sample = None
-        if mechanism is not None:
-            mechanism.discard_step()
+        trainer.optimizer.zero_grad(set_to_none=True)
         self.fractions.append(total / self.samples)
 
 

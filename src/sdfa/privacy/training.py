@@ -20,8 +20,14 @@ import sys
 import torch
 
 from ..training import Callback
-from .engine import ACCOUNTANTS, METHODS, PrivacyEngine, _check_budget, _check_options
-from .engine import GDP_REFUSED
+from .engine import (
+    ACCOUNTANTS,
+    GDP_REFUSED,
+    METHODS,
+    PrivacyEngine,
+    _check_budget,
+    _check_options,
+)
 from .randomness import NOISE_SOURCES, check_secure_available
 
 RULE_OF = {"dp-sgd": "bp", "dp-dfa": "dfa", "dp-noisy-projection": "dfa"}
