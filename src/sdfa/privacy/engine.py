@@ -15,6 +15,7 @@ import math
 import opacus
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch import nn
@@ -86,7 +87,6 @@ class PrivacyEngine:
         self.mechanism: FeedbackMechanism | None = None
         self.target: tuple[float, float] | None = None
         self._safe_steps: int | None = None  # steps known to fit in the target budget
-        self._last_epsilon: tuple = (None, 0.0)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -227,10 +227,7 @@ class PrivacyEngine:
             return 0.0
         if any(z == 0 for z, _, _ in self.accountant.history):
             return math.inf
-        key = (tuple(self.accountant.history), delta)
-        if self._last_epsilon[0] != key:  # RDP over many orders takes a fraction of a second
-            self._last_epsilon = (key, _epsilon(self.accountant, delta))
-        return self._last_epsilon[1]
+        return _epsilon(self.accountant, delta)
 
     def state_dict(self) -> dict:
         """What a checkpoint must keep: the accountant's history and the adaptive thresholds."""
@@ -373,9 +370,19 @@ def _calibrated_noise(epsilon: float, delta: float, sample_rate: float, steps: i
 
 
 def _epsilon(accountant, delta: float) -> float:
-    """The accountant's epsilon at ``delta`` (RDP: over :data:`RDP_ORDERS`)."""
-    orders = {"alphas": list(RDP_ORDERS)} if accountant.mechanism() == "rdp" else {}
-    return float(accountant.get_epsilon(delta=delta, **orders))
+    """The accountant's epsilon at ``delta``. RDP: Opacus's computation over
+    :data:`RDP_ORDERS`, with each (noise, rate)'s RDP per step computed once (it is the costly
+    part, and a run asks after every epoch)."""
+    if accountant.mechanism() != "rdp":
+        return float(accountant.get_epsilon(delta=delta))
+    rdp = sum(steps * _rdp_per_step(z, q) for z, q, steps in accountant.history)
+    return float(rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float):
+    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                    orders=RDP_ORDERS)
 
 
 def _check_accountant_enforces(accountant: str) -> None:
