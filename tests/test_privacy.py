@@ -771,6 +771,16 @@ def test_the_probe_accepts_dropout_and_per_example_models():
         check_examples_independent(model, (5,) if isinstance(model[0], nn.Linear) else (2, 11, 11))
 
 
+def test_the_probe_leaves_the_model_and_the_random_state_as_they_were():
+    model = seq(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        check_examples_independent(model, (5,))
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 # -- accounting that cannot be wrong (issue 15) -----------------------------------------------
 
 

@@ -36,6 +36,7 @@ def check_examples_independent(model: nn.Module, input_shape) -> None:
     batch = draw(BATCH)
     replaced = torch.cat([batch[:1], draw(BATCH - 1, scale=3.0, shift=1.0)])
     was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # e.g. running statistics
     try:
         model.train()
         runs = [_record(model, x, device) for x in (batch, replaced)]
@@ -48,6 +49,9 @@ def check_examples_independent(model: nn.Module, input_shape) -> None:
             what = "when it is alone in its batch"
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
     if culprit is not None:
         name, module = culprit
         where = (f"module {name!r} ({type(module).__name__})" if name
