@@ -1,6 +1,11 @@
 """sdfa.privacy: sensitivity bounds, noise scale, accounting, exactness, budgets, bad input."""
 
+import importlib.machinery
+import importlib.util
 import math
+import sys
+import types
+import warnings
 
 import pytest
 import torch
@@ -8,11 +13,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sdfa
-from sdfa.privacy import PrivacyBudgetExhausted, PrivacyEngine, bounds
+from sdfa.privacy import PrivacyBudgetExhausted, PrivacyEngine, bounds, mechanism
+from sdfa.privacy import engine as engine_module
+from sdfa.privacy.probe import check_examples_independent
+from sdfa.privacy.randomness import _next_init_word, secret_generator
 
 DT = torch.float64
 
@@ -596,3 +605,267 @@ def test_shared_layer_is_refused():
     engine, model, opt, _ = private(model, x, y, max_input_norm=1.0, max_activation_norm=1.0)
     with pytest.raises(RuntimeError, match="ran twice in one forward pass"):
         model(x)
+
+
+# -- where the noise comes from (issue 15) --------------------------------------------------------
+
+
+def test_a_seeded_cpu_generator_has_only_2_to_the_32_streams():
+    """Why secret noise cannot be a seed drawn from the OS: manual_seed keeps 32 bits."""
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7 + 2**32)
+    assert torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+
+
+def test_secret_generators_hold_a_state_no_seed_produces():
+    words = [secret_generator().get_state()[24 : 24 + 8 * 624].view(torch.int64)
+             for _ in range(2)]
+    for w in words:  # a seeded Mersenne Twister satisfies its init recurrence; these do not
+        assert w[1].item() != _next_init_word(w[0].item())
+        assert (w >= 0).all() and (w < 2**32).all() and len(set(w.tolist())) > 600
+    assert not torch.equal(words[0], words[1])
+
+
+def step_once(engine_kwargs=None, method="dp-dfa", **kwargs):
+    """One private step of the same model on the same data: the updated parameters."""
+    model = sdfa.convert(mlp((5, 8, 3), "tanh", seed=0), "dfa", seed=0)
+    options = {"max_input_norm": 3.0}
+    if method == "dp-sgd":
+        model, options = mlp((5, 8, 3), "tanh", seed=0), {"max_grad_norm": 1.0}
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0), dtype=DT), torch.ones(
+        16, dtype=torch.long)
+    engine = PrivacyEngine(**(engine_kwargs or {}))
+    model, opt, data = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader(x, y, 4), method=method, noise_multiplier=1.0, **options, **kwargs,
+    )
+    torch.manual_seed(0)  # the global generator: the attacker knows it
+    for xb, yb in data:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        break
+    return engine, opt, data, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("method", ["dp-dfa", "dp-sgd"])
+def test_default_noise_and_sampling_are_secret(method):
+    """Same model, data, seeds and global random state: the noise and the Poisson sample still
+    differ from one run to the next."""
+    first, second = step_once(method=method), step_once(method=method)
+    assert first[0].noise_source == second[0].noise_source == "secret"
+    assert not torch.equal(first[3], second[3])
+    samples = [list(data.batch_sampler) for _, _, data, _ in (first, second)]
+    assert samples[0] != samples[1]
+
+
+def test_a_caller_generator_is_seeded_and_reproducible():
+    runs = [step_once(noise_generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert runs[0][0].noise_source == "seeded"
+    assert torch.equal(runs[0][3], runs[1][3])
+
+
+def test_secure_mode_needs_torchcsprng():
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    with pytest.raises(ValueError, match="secure.*needs torchcsprng.*pip install torchcsprng"):
+        PrivacyEngine(secure_mode=True)
+
+
+@pytest.mark.parametrize("method", ["dp-dfa", "dp-noisy-projection", "dp-sgd"])
+def test_secure_mode_draws_everything_from_the_csprng(monkeypatch, method):
+    """The wiring of secure mode, with a stand-in for torchcsprng (not installable here): the
+    noise, the adaptive counts and the sampling all use its generator, with Opacus's
+    floating-point-safe Gaussian sampling, and a caller's generator is refused."""
+    device = torch.Generator().manual_seed(11)
+    fake = types.ModuleType("torchcsprng")
+    fake.__spec__ = importlib.machinery.ModuleSpec("torchcsprng", None)
+    fake.create_random_device_generator = lambda path: device if path == "/dev/urandom" else None
+    monkeypatch.setitem(sys.modules, "torchcsprng", fake)
+    engine, opt, data, _ = step_once({"secure_mode": True}, method=method)
+    assert engine.noise_source == "secure" and opt.secure_mode
+    assert opt.generator is device and data.batch_sampler.generator is device
+    with pytest.raises(ValueError, match="do not pass noise_generator"):
+        step_once({"secure_mode": True}, noise_generator=torch.Generator())
+
+
+# -- models that mix the examples of a batch (issue 15) ------------------------------------------
+
+
+class Center(nn.Module):
+    """Subtracts the batch mean: one example's output depends on all the others."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return x * len(x)
+
+
+class MixesInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)).softmax(0))
+
+
+@pytest.mark.parametrize(
+    "build, method, message",
+    [
+        (lambda: seq(Center(), nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), "dp-dfa",
+         "module '0' \\(Center\\) mixes the examples.*other examples of its batch change"),
+        (lambda: seq(nn.Linear(5, 8), nn.Softmax(dim=0), nn.Linear(8, 3)), "dp-noisy-projection",
+         "module '1' \\(Softmax\\) mixes the examples"),
+        (lambda: seq(nn.Linear(5, 8), nn.Tanh(), Center(), nn.Linear(8, 3)), "dp-sgd",
+         "module '2' \\(Center\\) mixes the examples"),
+        (lambda: seq(Scale(), nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), "dp-dfa",
+         "module '0' \\(Scale\\) mixes the examples.*alone in its batch"),
+        (lambda: MixesInForward().to(DT), "dp-noisy-projection",
+         "the forward of MixesInForward itself"),
+    ],
+)
+def test_models_that_mix_the_batch_are_refused(build, method, message):
+    """The static checks accept these models (no BatchNorm, every module parameter-free or a
+    DFA layer); the probe at make_private refuses them and names the module."""
+    model = build()
+    options = {"max_grad_norm": 1.0}
+    if method != "dp-sgd":
+        model = sdfa.convert(model, "dfa")
+        options = {"max_input_norm": 1.0, "max_activation_norm": 1.0}
+        mechanism.analyse(model, method, 1.0, 1.0)  # the static analysis alone lets it through
+    with pytest.raises(ValueError, match=message):
+        make(model, method=method, **options)
+
+
+def test_without_the_probe_a_mixing_model_exceeds_its_sensitivity():
+    """What the probe prevents: before the first layer, centering by the batch mean lets one
+    example move the others' updates, beyond the stated sensitivity."""
+    model = sdfa.convert(seq(Center(), nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), "dfa")
+    x, y = torch.randn(64, 5, dtype=DT), torch.randint(0, 3, (64,))
+    x[0] = 50.0  # the target example
+    engine = PrivacyEngine()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(engine_module, "check_examples_independent", lambda *args: None)
+    try:
+        model, opt, _ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(x, y, 64), noise_multiplier=0.0, poisson_sampling=False,
+            max_input_norm=1.0, loss_reduction="sum",
+        )
+    finally:
+        monkey.undo()
+    updates = []
+    for batch in (slice(0, 64), slice(1, 64)):  # with and without the target
+        opt.zero_grad()
+        F.cross_entropy(model(x[batch]), y[batch], reduction="sum").backward()
+        updates.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        engine.mechanism.discard_step()
+    assert (updates[0] - updates[1]).norm() > 2 * engine.mechanism.sensitivity()
+
+
+def test_the_probe_accepts_dropout_and_per_example_models():
+    for model in (sdfa.convert(mlp((5, 8, 6, 3), "tanh", dropout=0.5), "dfa"),
+                  sdfa.convert(conv_net(), "dfa")):
+        check_examples_independent(model, (5,) if isinstance(model[0], nn.Linear) else (2, 11, 11))
+
+
+def test_the_probe_leaves_the_model_and_the_random_state_as_they_were():
+    model = seq(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        check_examples_independent(model, (5,))
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- accounting that cannot be wrong (issue 15) -----------------------------------------------
+
+
+def test_gdp_is_refused_for_a_target_epsilon():
+    """Opacus's GDP accountant can underestimate: on the lee2020 digits schedule (q = 1/22, 330
+    steps) the noise it calibrates for epsilon 8 spends 9.25 by PRV's upper bound, 10.37 by
+    RDP."""
+    q, steps = 1 / 22, 330
+    with pytest.warns(UserWarning, match="GDP accounting is experimental"):
+        z = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=q,
+                                 steps=steps, accountant="gdp")
+    spent = {}
+    for name in ("prv", "rdp"):
+        accountant = create_accountant(name)
+        accountant.history = [(z, q, steps)]
+        spent[name] = accountant.get_epsilon(delta=1e-5)
+    assert spent["prv"] == pytest.approx(9.25, abs=0.01)
+    assert spent["rdp"] == pytest.approx(10.37, abs=0.01)
+
+    model = sdfa.convert(mlp((5, 8, 3), "tanh"), "dfa")
+    x, y = torch.randn(40, 5, dtype=DT), torch.randint(0, 3, (40,))
+    with pytest.warns(UserWarning, match="GDP"):  # Opacus's own warning is not silenced
+        engine = PrivacyEngine(accountant="gdp")
+    with pytest.raises(ValueError, match="'gdp' can underestimate .* cannot enforce a target"):
+        engine.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader(x, y, 8), target_epsilon=2.0, target_delta=1e-5, epochs=3,
+            max_input_norm=3.0)
+    common = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  data_loader=loader(x, y, 8), noise_multiplier=1.0, max_input_norm=3.0)
+    with pytest.raises(ValueError, match="'gdp' can underestimate"):
+        engine.make_private(target_epsilon=2.0, target_delta=1e-5, **common)
+    engine.make_private(**common)  # reporting its estimate only (with Opacus's warning) is fine
+
+
+def one_backward_engine(method, poisson):
+    model = mlp((5, 8, 3), "tanh")
+    options = {"max_grad_norm": 1.0}
+    if method != "dp-sgd":
+        model, options = sdfa.convert(model, "dfa"), {"max_input_norm": 3.0}
+    x, y = torch.randn(8, 5, dtype=DT), torch.randint(0, 3, (8,))
+    engine, model, opt, _ = private(model, x, y, noise=1.0, method=method, poisson=poisson,
+                                    **options)
+    return engine, model, opt, torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
+
+
+@pytest.mark.parametrize("method, poisson", [
+    ("dp-dfa", True), ("dp-dfa", False), ("dp-noisy-projection", False), ("dp-sgd", False),
+    ("dp-sgd", True),
+])
+def test_a_second_backward_pass_before_step_is_refused(method, poisson):
+    """Each pass is bounded on its own, so one example in both could contribute twice the
+    sensitivity while Opacus would account a doubled sampling rate; refused (under Poisson
+    sampling Opacus refuses it itself for dp-sgd)."""
+    engine, model, opt, x, y = one_backward_engine(method, poisson)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="second backward pass|not compatible with grad accum"):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert engine.steps == 0
+
+
+@pytest.mark.parametrize("method", ["dp-dfa", "dp-sgd"])
+def test_a_pass_cleared_by_zero_grad_does_not_count(method):
+    engine, model, opt, x, y = one_backward_engine(method, poisson=False)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert engine.accountant.history == [(1.0, 1 / 2, 1)]
+
+
+def test_rdp_orders_reach_beyond_opacus_defaults():
+    """Where Opacus's largest order (63) is optimal (it warns), the wider orders give a tighter,
+    still valid epsilon, without the warning."""
+    history = [(8.0, 0.01, 50)]
+    opacus_default = create_accountant("rdp")
+    opacus_default.history = history
+    with pytest.warns(UserWarning, match="largest alpha"):
+        loose = opacus_default.get_epsilon(delta=1e-5)
+    engine = PrivacyEngine()
+    engine.accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tight = engine.get_epsilon(1e-5)
+    assert 0 < tight < loose

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
+import math
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,8 @@ from sdfa.app.build import build_model
 from sdfa.app.cli import main
 from sdfa.app.config import config_from_dict
 from sdfa.app.run import build_trainer, train
-from sdfa.data import load_dataset
+from sdfa.data import DATASETS, ImageData, load_dataset
+from sdfa.data.core import TensorSplit
 from sdfa.privacy.training import PrivacyCallback
 from sdfa.training import Callback
 
@@ -70,6 +75,8 @@ def test_cli_private_run_logs_epsilon(tmp_path, capsys, args):
         ({"model": "crafton-cifar-conv", "transfer": True}, "cannot be combined with privacy"),
         ({"nproc": 2}, "private training runs in one process"),
         ({"log_alignment": 10}, "log_alignment .* cannot be combined with privacy"),
+        ({"privacy_noise": "random"}, "privacy_noise must be one of secret, secure, seeded"),
+        ({"accountant": "gdp"}, "'gdp' can underestimate the privacy spent"),
     ],
 )
 def test_bad_private_settings_are_refused_before_training(tmp_path, values, message):
@@ -95,9 +102,11 @@ class StopAfter(Callback):
 
 
 def test_resumed_private_run_equals_an_uninterrupted_one(tmp_path, privacy="dp-noisy-projection"):
-    """The accountant, the adaptive thresholds, the Poisson sampling and the noise continue
-    from the checkpoint: same weights, same epsilon."""
-    noise = {"privacy": privacy, "epsilon": None, "noise_multiplier": 1.0}  # no calibration
+    """In the reproducible (debugging, not private) mode, the accountant, the adaptive
+    thresholds, the Poisson sampling and the noise continue from the checkpoint: same weights,
+    same epsilon. (Secret noise: test_resumed_secret_run_keeps_its_accounting.)"""
+    noise = {"privacy": privacy, "epsilon": None, "noise_multiplier": 1.0,  # no calibration
+             "privacy_noise": "seeded"}
     straight = train(small(tmp_path, "straight", **noise))
     config = small(tmp_path, "resumed", **noise)
     with pytest.raises(KeyboardInterrupt):
@@ -183,3 +192,117 @@ def test_signal_fraction_is_within_the_sensitivity(privacy, rule, options):
               "train_samples": 128, "batch_size": 32}
     fit(values, load_dataset("digits", train_samples=128), callbacks=[signal])
     assert len(signal.fractions) == 2 and all(0 < f <= 1 for f in signal.fractions)
+
+
+def test_secure_noise_without_torchcsprng_is_refused_before_training(tmp_path):
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here")
+    with pytest.raises(ValueError, match="'secure' .* needs torchcsprng"):
+        small(tmp_path, privacy_noise="secure")
+
+
+def test_gdp_may_report_without_a_target(tmp_path):
+    with pytest.warns(UserWarning, match="GDP accounting is experimental"):  # Opacus's, kept
+        summary = train(small(tmp_path, epsilon=None, noise_multiplier=1.0, accountant="gdp",
+                              epochs=1))
+    assert summary["accountant"] == "gdp" and summary["epsilon"] > 0
+
+
+def weights(run_dir):
+    state = torch.load(run_dir / "final.pt", weights_only=True)
+    return torch.cat([v.flatten().double() for k, v in state.items() if "feedback" not in k])
+
+
+def test_two_private_runs_with_the_same_config_and_seed_differ(tmp_path):
+    """The noise and the sampling are secret: not a function of the seed, never written."""
+    summaries = [train(small(tmp_path, name, epochs=2)) for name in ("a", "b")]
+    assert all(s["private"] and s["privacy_noise"] == "secret" for s in summaries)
+    assert not torch.equal(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    checkpoint = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    assert set(checkpoint["callbacks"]["privacy"]) == {"engine"}  # accountant and thresholds
+    assert set(checkpoint["callbacks"]["privacy"]["engine"]) <= {"accountant", "feedback_bounds"}
+
+
+def test_resumed_secret_run_keeps_its_accounting(tmp_path):
+    """A resumed private run continues the accountant's history (same epsilon, same steps as an
+    uninterrupted run) with fresh secret noise, so its weights are not those of the
+    uninterrupted run (nothing secret was in the checkpoint to continue from)."""
+    values = {"privacy": "dp-noisy-projection", "epsilon": None, "noise_multiplier": 1.0}
+    straight = train(small(tmp_path, "straight", **values))
+    config = small(tmp_path, "resumed", **values)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[StopAfter(2)])  # the checkpoint of epoch 1 survives
+    checkpoint = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert checkpoint["callbacks"]["privacy"]["engine"]["accountant"]["history"]
+    resumed = train(config, resume=True)
+    assert resumed["epsilon"] == straight["epsilon"]
+    assert resumed["privacy_steps"] == straight["privacy_steps"]
+    assert not torch.equal(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def fake_data(name, shape, classes=10, n=64):
+    """A data set with the shape and value range of ``name``'s real files."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, *shape), generator=generator, dtype=torch.uint8)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    split = TensorSplit(images, labels)
+    return ImageData(name, split, split, classes, shape, (0.3,) * shape[0], (0.2,) * shape[0])
+
+
+BUILT_IN = [(name, spec.image_shape or (3, 32, 32), spec.num_classes or 10)  # folder: 32 px
+            for name, spec in sorted(DATASETS.items())]
+
+
+@pytest.mark.parametrize("method", ["dp-dfa", "dp-noisy-projection", "dp-sgd"])
+@pytest.mark.parametrize("name, shape, classes", BUILT_IN, ids=[b[0] for b in BUILT_IN])
+def test_every_method_runs_on_every_built_in_data_set_with_its_defaults(tmp_path, method, name,
+                                                                         shape, classes):
+    """No clipping option given: the defaults of sdfa train (max_input_norm from the input
+    size, max_grad_norm 1) make a private step, and the input bound holds for every input."""
+    config = small(tmp_path, privacy=method, rule="bp" if method == "dp-sgd" else "dfa",
+                   privacy_options={}, epochs=1)
+    data = fake_data(name, shape, classes)
+    callback = PrivacyCallback(config)
+    trainer = build_trainer(config, data, build_model(config, data), tmp_path,
+                            callbacks=[callback])
+    callback.on_train_start(trainer)
+    trainer.step(next(iter(trainer.train_loader)))
+    assert callback.engine.steps == 1
+    if method == "dp-sgd":
+        assert callback.options == {"max_grad_norm": 1.0}
+    else:
+        bound = callback.options["max_input_norm"]
+        assert bound == pytest.approx(math.prod(shape) ** 0.5)
+        extremes = torch.stack([torch.zeros(shape, dtype=torch.uint8),
+                                torch.full(shape, 255, dtype=torch.uint8)])
+        x, _ = trainer.task.prepare((extremes, torch.zeros(2, dtype=torch.long)), "cpu",
+                                    train=False)
+        assert x.flatten(1).norm(dim=1).max().item() == pytest.approx(bound, rel=1e-5)
+
+
+def readme_privacy_commands() -> list[str]:
+    """The shell commands of the README's "Differential privacy" section, as written."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("\n## Differential privacy\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, flags=re.S)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            commands.append(line)
+    return commands
+
+
+def test_readme_privacy_section_has_commands():
+    commands = readme_privacy_commands()
+    assert commands and all(c.startswith("sdfa ") for c in commands)
+    assert "sdfa train --privacy dp-dfa --epsilon 2 --delta 1e-5" in commands  # issue 15
+
+
+@pytest.mark.parametrize("command", readme_privacy_commands())
+def test_readme_privacy_command_runs_as_written(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)  # runs/ and reproduce/ land here
+    assert main(shlex.split(command)[1:]) == 0
+    (summary,) = tmp_path.glob("runs/*/summary.json")
+    assert json.loads(summary.read_text())["private"] is True

@@ -89,6 +89,7 @@ class TrainConfig:
     noise_multiplier: float | None = None
     accountant: str = "rdp"
     privacy_options: dict = field(default_factory=dict)  # e.g. max_input_norm = 8.0
+    privacy_noise: str = "secret"  # secret (OS entropy), secure (torchcsprng), seeded: NOT private
     # how to run (may change when a run is resumed)
     out: str | None = None
     device: str = "auto"

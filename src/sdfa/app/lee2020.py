@@ -2,10 +2,12 @@
 method's settings, and two measurements that explain the comparison.
 
 ``python -m sdfa.app.lee2020 --tune``    grid search at epsilon 2 on a validation split
-``python -m sdfa.app.lee2020 --signal``  how much of its sensitivity an example's update uses
+``python -m sdfa.app.lee2020 --signal [--group G]``  how much of its sensitivity an example's
+update uses
 ``python -m sdfa.app.lee2020 --speed``   time per step of each method at the same batch size
 
-Everything runs through :class:`sdfa.training.Trainer` with the set's configurations (digits).
+Everything runs through :class:`sdfa.training.Trainer` with the set's configurations (digits, or
+with --signal another group of the set, in its --quick reduction).
 """
 
 from __future__ import annotations
@@ -39,13 +41,19 @@ GRID_OPTIONS = {
 }
 
 
-def digits_config(method: str | None, **values) -> dict:
-    """The set's digits configuration of ``method`` (None: non-private DFA) with ``values``."""
+DIGITS = "digits, MLP 64-100-100-10 tanh"
+
+
+def digits_config(method: str | None, group: str = DIGITS, **values) -> dict:
+    """The set's configuration of ``method`` (None: non-private DFA) in ``group`` (default the
+    digits MLP; for other groups with the set's --quick reductions) with ``values``."""
     label = LEE2020_METHODS[method][0] if method else "DFA, non-private"
-    for exp in SETS["lee2020"].experiments:
-        if exp.group.startswith("digits") and exp.label.startswith(label):
-            return {**exp.config, **values}
-    raise KeyError(method)
+    chosen = SETS["lee2020"]
+    for exp in chosen.experiments:
+        if exp.group == group and exp.label.startswith(label):
+            quick = chosen.quick if exp.quick is None else exp.quick
+            return {**exp.config, **quick, **values}
+    raise KeyError(f"no {label!r} in the group {group!r} of lee2020")
 
 
 def fit(values: dict, data, callbacks=()) -> dict:
@@ -56,8 +64,7 @@ def fit(values: dict, data, callbacks=()) -> dict:
         seed_everything(config.seed)
         callbacks = [*callbacks, *callbacks_for(config)]
         trainer = build_trainer(config, data, build_model(config, data), Path(out), callbacks)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        with warnings.catch_warnings():  # a PyTorch note on Opacus's hooks, not about privacy
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             return trainer.fit()
 
@@ -78,12 +85,9 @@ def tune(epsilon: float = 2.0, log=print) -> dict[str, dict]:
     """The best validation setting of each private method at ``epsilon`` (seed 0)."""
     data = validation_digits()
     best = {}
-    for method, choices in GRID_OPTIONS.items():
-        input_norm = digits_config(method)["privacy_options"].get("max_input_norm")
+    for method, choices in GRID_OPTIONS.items():  # max_input_norm: sdfa train's default
         scored = []
         for lr, batch, epochs, options in itertools.product(*GRID.values(), choices):
-            if input_norm is not None:
-                options = {**options, "max_input_norm": input_norm}
             values = {"lr": lr, "batch_size": batch, "epochs": epochs, "privacy_options": options}
             summary = fit(digits_config(method, epsilon=epsilon, **values), data)
             log(f"{method:20s} {values}: validation accuracy {summary['test_accuracy']:.3f}")
@@ -112,13 +116,13 @@ class SignalFraction(Callback):
         data = trainer.task.data
         images, labels = data.train[: self.samples]
         x = prepare_batch(images, data)
-        clip = privacy.config.privacy_options.get("max_grad_norm")
+        clip = privacy.options.get("max_grad_norm")
         model.train()
         total = 0.0
         for i in range(self.samples):
-            model.zero_grad()
-            for p in model.parameters():
-                p.grad_sample = None  # Opacus's per-example gradients of the last batch
+            # clears .grad, Opacus's per-example gradients and the mechanism's records: each
+            # example is one backward pass, never a step
+            trainer.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[i : i + 1]), labels[i : i + 1], reduction="sum").backward()
             if mechanism is None:  # dp-sgd
                 norm = torch.cat([p.grad_sample.flatten() for p in model.parameters()]).norm()
@@ -126,21 +130,23 @@ class SignalFraction(Callback):
             else:
                 norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
                 total += norm.item() / mechanism.sensitivity()
-        model.zero_grad()
-        for p in model.parameters():
-            p.grad_sample = None
-        if mechanism is not None:
-            mechanism.discard_step()
+        trainer.optimizer.zero_grad(set_to_none=True)
         self.fractions.append(total / self.samples)
 
 
-def signal_fractions(epsilon: float = 2.0, log=print) -> dict[str, list[float]]:
-    """:class:`SignalFraction` for each private method with the set's digits settings."""
-    data = load_dataset("digits")
+def signal_fractions(epsilon: float = 2.0, group: str = DIGITS, data_root=None,
+                     log=print) -> dict[str, list[float]]:
+    """:class:`SignalFraction` for each private method with the set's settings in ``group``
+    (data read from ``data_root/<data set>``, default the usual places)."""
+    values = digits_config(None, group)
+    data_dir = str(Path(data_root) / values["dataset"]) if data_root is not None else None
+    data = load_dataset(values["dataset"], data_dir, train_samples=values.get("train_samples"),
+                        test_samples=values.get("test_samples"))
     fractions = {}
     for method in LEE2020_METHODS:
         signal = SignalFraction()
-        fit(digits_config(method, epsilon=epsilon), data, callbacks=[signal])
+        fit(digits_config(method, group, epsilon=epsilon, data_dir=data_dir), data,
+            callbacks=[signal])
         fractions[method] = signal.fractions
         log(f"{method:20s} mean ||u_i|| / S after epoch 1, middle, last: "
             + " / ".join(f"{f:.2f}" for f in signal.fractions))
@@ -172,12 +178,15 @@ def main(argv=None) -> None:
     group.add_argument("--tune", action="store_true", help="grid search at epsilon 2")
     group.add_argument("--signal", action="store_true", help="signal fractions at epsilon 2")
     group.add_argument("--speed", action="store_true", help="time per step of each method")
+    parser.add_argument("--group", default=DIGITS,
+                        help=f"with --signal: a group of the set (default {DIGITS!r})")
+    parser.add_argument("--data-root", help="with --signal: folder of the data sets")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.tune:
         tune()
     elif args.signal:
-        signal_fractions()
+        signal_fractions(group=args.group, data_root=args.data_root)
     else:
         speed()
 

@@ -224,8 +224,8 @@ def _biotorch_benchmark() -> ExperimentSet:
 # Per method: label and settings, chosen by `python -m sdfa.app.lee2020 --tune` (digits,
 # epsilon 2, a validation split of the training set). Re-run with inputs scaled to [-1, 1], it
 # preferred settings within 4 validation images of these, which then measured worse on test
-# (DP-DFA lr 3e-2, batch 256; noisy projection max_activation_norm 5), so these stay. Input
-# clips are per data set: about the largest norm of a private run's input (values in [-1, 1]),
+# (DP-DFA lr 3e-2, batch 256; noisy projection max_activation_norm 5), so these stay. The input
+# clip is sdfa train's default, the largest norm of a private run's input (values in [-1, 1]):
 # sqrt(number of input values).
 LEE2020_METHODS = {
     "dp-sgd": ("DP-SGD (Opacus)", {"rule": "bp", "lr": 1e-2, "batch_size": 64, "epochs": 15,
@@ -243,20 +243,17 @@ LEE2020_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 def _lee2020() -> ExperimentSet:
     exps = []
     mlp, lenet = {"model": "mlp"}, {"model": "lenet5", "model_options": {"activation": "tanh"}}
-    data = (("digits", "digits, MLP 64-100-100-10 tanh", 8.0, mlp),
-            ("mnist", "MNIST, MLP 784-100-100-10 tanh", 28.0, mlp),
-            ("fashion-mnist", "Fashion-MNIST, MLP 784-100-100-10 tanh", 28.0, mlp),
-            ("cifar10", "CIFAR-10, LeNet-5 tanh", 55.0, lenet))
-    for dataset, group, input_norm, model in data:
+    data = (("digits", "digits, MLP 64-100-100-10 tanh", mlp),
+            ("mnist", "MNIST, MLP 784-100-100-10 tanh", mlp),
+            ("fashion-mnist", "Fashion-MNIST, MLP 784-100-100-10 tanh", mlp),
+            ("fashion-mnist", "Fashion-MNIST, LeNet-5 tanh", lenet),
+            ("cifar10", "CIFAR-10, LeNet-5 tanh", lenet))
+    for dataset, group, model in data:
         base = {"dataset": dataset, **model, "optimizer": "adam", "delta": 1e-5}
         quick = {} if dataset == "digits" else None
         for method, (label, settings) in LEE2020_METHODS.items():
-            options = dict(settings["privacy_options"])
-            if method != "dp-sgd":  # DP-SGD clips whole gradients instead
-                options["max_input_norm"] = input_norm
             for epsilon in LEE2020_EPSILONS:
-                config = {**base, **settings, "privacy": method, "epsilon": epsilon,
-                          "privacy_options": options}
+                config = {**base, **settings, "privacy": method, "epsilon": epsilon}
                 exps.append(Experiment(group, f"{label}, epsilon={epsilon:g}", config,
                                        seeds=(0, 1, 2), quick=quick, series=label))
         for rule, label in (("bp", "BP, non-private"), ("dfa", "DFA, non-private")):
@@ -269,14 +266,17 @@ def _lee2020() -> ExperimentSet:
         "accuracy",
         exps,
         source="Lee & Kifer report DP-DFA 'often 10-20%' more accurate than DP-SGD at the same "
-        "budget (abstract; no table was available to us); Ohana, Cappelli et al. find photonic "
+        "budget, on fully connected and convolutional networks (abstract; no table, and no "
+        "Fashion-MNIST figure, was available to us); Ohana, Cappelli et al. find photonic "
         "DFA 'always very close to DFA' on Fashion-MNIST (no numbers available). DP-SGD on "
         "MNIST, delta 1e-5: Abadi et al. 2016 90 / 95 / 97% at epsilon 0.5 / 2 / 8; Opacus's "
         "example 94.6% at epsilon 1.16.",
         notes="delta 1e-5, Poisson sampling, RDP accountant, the noise set to spend exactly "
-        "epsilon in the run; Adam; settings per method tuned on digits at epsilon 2 (see "
-        "docs/privacy.md) and used unchanged on the other data sets. Test accuracy after the "
-        "last epoch. Non-private BP and DFA: lr 1e-3, batch 32, 30 epochs.",
+        "epsilon in the run and drawn from secret (OS) entropy, so repeated runs differ; Adam; "
+        "settings per method tuned on digits at epsilon 2 (see docs/privacy.md) and used "
+        "unchanged on the other data sets; inputs scaled to [-1, 1], first-layer input clip "
+        "sqrt(input size). Test accuracy after the last epoch. Non-private BP and DFA: lr "
+        "1e-3, batch 32, 30 epochs.",
         quick=QUICK,
         sweep="epsilon",
     )

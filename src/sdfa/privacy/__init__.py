@@ -10,8 +10,10 @@ Opacus-style: wrap the model, optimizer and data loader you already have::
         optimizer.zero_grad(); F.cross_entropy(model(x), y).backward(); optimizer.step()
     engine.get_epsilon(1e-5)
 
-Needs the optional dependency ``opacus`` (``pip install sdfa[privacy]``). See docs/privacy.md
-for the mechanisms and the proofs of their sensitivity bounds.
+The noise and the Poisson sampling come from secret generators (OS entropy, never the seed)
+unless ``noise_generator=`` is given; see :mod:`sdfa.privacy.randomness`. Needs the optional
+dependency ``opacus`` (``pip install sdfa[privacy]``). See docs/privacy.md for the mechanisms,
+the proofs of their sensitivity bounds and what the guarantee holds against.
 """
 
 try:

@@ -11,19 +11,32 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import opacus
-from opacus.accountants import create_accountant
+import torch
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..convert import rules_of
-from .mechanism import DPFeedbackOptimizer, FeedbackMechanism
+from .mechanism import SECOND_BACKWARD, DPFeedbackOptimizer, FeedbackMechanism
+from .probe import check_examples_independent
+from .randomness import secret_generator, secure_generator
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+# RDP orders searched for the tightest epsilon. Opacus's defaults stop at 63, the optimum (about
+# which Opacus warns) for small epsilons; every order gives a valid bound, so more orders only
+# tighten it. (Orders below 1.1 would help only tiny noise, at a high cost: not included.)
+RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS) + tuple(range(64, 256, 8)) + (
+    256, 320, 384, 512, 768, 1024, 2048, 4096)
+GDP_REFUSED = (
+    "accountant 'gdp' can underestimate the privacy spent (Opacus warns so; Gopi et al. 2021, "
+    "arXiv 2106.02848), so it cannot enforce a target epsilon: use 'rdp' or 'prv', or give "
+    "noise_multiplier without a target to only report gdp's estimate"
+)
 # Each method's options and their defaults (None: required, or "no clipping" for the norms).
 METHODS: dict[str, dict[str, object]] = {
     "dp-sgd": {"max_grad_norm": None},
@@ -57,12 +70,17 @@ class PrivacyEngine:
     """
 
     def __init__(self, accountant: str = "rdp", secure_mode: bool = False):
+        """``secure_mode``: Opacus's (torchcsprng for all draws, and Gaussian sampling hardened
+        against floating-point attacks). Otherwise the noise and the sampling come from secret
+        generators (:mod:`sdfa.privacy.randomness`), unless ``make_private`` is given one."""
         if accountant not in ACCOUNTANTS:
             raise ValueError(
                 f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}"
             )
-        self.accountant = create_accountant(accountant)
         self.secure_mode = secure_mode
+        self._secure_rng = secure_generator() if secure_mode else None
+        self.accountant = create_accountant(accountant)
+        self.noise_source: str | None = None  # "secret", "secure" or "seeded" (make_private)
         self.method: str | None = None
         self.noise_multiplier: float | None = None  # as accounted (see dp-noisy-projection)
         self.sample_rate: float | None = None
@@ -85,6 +103,7 @@ class PrivacyEngine:
         noise_generator=None,
         target_epsilon: float | None = None,
         target_delta: float | None = None,
+        input_shape: tuple[int, ...] | None = None,
         **options,
     ):
         """Return ``(module, optimizer, data_loader)`` that train with ``method`` privately.
@@ -100,8 +119,14 @@ class PrivacyEngine:
                 (its adaptive clipping), ``max_input_norm`` / ``max_activation_norm`` (per-
                 example clip of the first layer's input / of hidden activations; not needed
                 after bounded activations such as tanh).
+            noise_generator: draw the noise from this generator (and the Poisson sampling from
+                the data loader's own ``generator``, as Opacus does): reproducible, and private
+                only if nobody knows their states. By default both come from secret
+                generators created for this call (``noise_source`` says which applies).
             target_epsilon, target_delta: a budget; ``optimizer.step()`` raises
                 :class:`PrivacyBudgetExhausted` instead of exceeding it.
+            input_shape: the shape of one example's input, for the probe that refuses a model
+                that mixes the examples of a batch (default: that of the data set's first item).
         """
         if self.method is not None:
             raise ValueError("this PrivacyEngine already tracks a model; create a new one")
@@ -113,16 +138,22 @@ class PrivacyEngine:
             raise ValueError("give both target_epsilon and target_delta, or neither")
         if target_epsilon is not None:
             _check_budget(target_epsilon, target_delta)
+            _check_accountant_enforces(self.accountant.mechanism())
+        input_shape = _input_shape(data_loader) if input_shape is None else tuple(input_shape)
+        check_examples_independent(module, input_shape)  # before any hook of ours is installed
+        noise_rng, sample_rng = self._generators(module, data_loader, noise_generator)
 
         sample_rate = 1 / len(data_loader)
         if method == "dp-sgd":
             module, optimizer, data_loader = self._opacus(
                 module, optimizer, data_loader, noise_multiplier, poisson_sampling,
-                loss_reduction, noise_generator, options["max_grad_norm"],
+                loss_reduction, noise_rng, options["max_grad_norm"],
             )
+            if poisson_sampling:
+                data_loader.batch_sampler.generator = sample_rng
         else:
             if poisson_sampling:
-                data_loader = DPDataLoader.from_data_loader(data_loader)
+                data_loader = DPDataLoader.from_data_loader(data_loader, generator=sample_rng)
                 expected = len(data_loader.dataset) * sample_rate
             else:
                 expected = data_loader.batch_size
@@ -147,7 +178,7 @@ class PrivacyEngine:
                 noise_multiplier=noise,
                 expected_batch_size=expected,
                 loss_reduction=loss_reduction,
-                generator=noise_generator,
+                generator=noise_rng,
                 secure_mode=self.secure_mode,
             )
             optimizer.attach_step_hook(self._account)
@@ -172,6 +203,7 @@ class PrivacyEngine:
     ):
         """Like :meth:`make_private`, with the noise that spends the budget in ``epochs``."""
         _check_budget(target_epsilon, target_delta)
+        _check_accountant_enforces(self.accountant.mechanism())
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
         steps = epochs * len(data_loader)
@@ -193,7 +225,9 @@ class PrivacyEngine:
         _check_budget(1.0, delta)
         if not self.accountant.history:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=delta))
+        if any(z == 0 for z, _, _ in self.accountant.history):
+            return math.inf
+        return _epsilon(self.accountant, delta)
 
     def state_dict(self) -> dict:
         """What a checkpoint must keep: the accountant's history and the adaptive thresholds."""
@@ -223,6 +257,21 @@ class PrivacyEngine:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _generators(self, module, data_loader, noise_generator):
+        """(noise generator, Poisson-sampling generator) and ``noise_source``."""
+        if self.secure_mode:
+            if noise_generator is not None:
+                raise ValueError("secure_mode draws all noise from torchcsprng: do not pass "
+                                 "noise_generator")
+            self.noise_source = "secure"
+            return self._secure_rng, self._secure_rng
+        if noise_generator is not None:
+            self.noise_source = "seeded"
+            return noise_generator, data_loader.generator
+        self.noise_source = "secret"
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        return secret_generator(device), secret_generator("cpu")  # the sampler draws on the CPU
+
     def _opacus(self, module, optimizer, data_loader, noise, poisson, reduction, generator,
                 max_grad_norm):
         try:
@@ -238,24 +287,24 @@ class PrivacyEngine:
         engine = opacus.PrivacyEngine(accountant=self.accountant.mechanism(),
                                       secure_mode=self.secure_mode)
         engine.accountant = self.accountant
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            # wrap_model=False: the model itself gets the per-sample hooks, so its state_dict
-            # keys (checkpoints) stay those of the user's model.
-            _, optimizer, data_loader = engine.make_private(
-                module=module,
-                optimizer=optimizer,
-                data_loader=data_loader,
-                noise_multiplier=noise,
-                max_grad_norm=max_grad_norm,
-                poisson_sampling=poisson,
-                loss_reduction=reduction,
-                noise_generator=generator,
-                wrap_model=False,
-            )
+        # wrap_model=False: the model itself gets the per-sample hooks, so its state_dict keys
+        # (checkpoints) stay those of the user's model.
+        _, optimizer, data_loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=poisson,
+            loss_reduction=reduction,
+            noise_generator=None if self.secure_mode else generator,
+            wrap_model=False,
+        )
         account = optimizer.step_hook
 
         def hook(opt):
+            if opt.accumulated_iterations > 1:  # Opacus would account it as a doubled rate
+                raise ValueError(SECOND_BACKWARD)
             self._check_next_step(self.sample_rate)
             account(opt)
 
@@ -263,9 +312,8 @@ class PrivacyEngine:
         return module, optimizer, data_loader
 
     def _account(self, optimizer) -> None:
-        rate = self.sample_rate * optimizer.accumulated_iterations
-        self._check_next_step(rate)
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=rate)
+        self._check_next_step(self.sample_rate)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def _check_next_step(self, rate: float) -> None:
         if self.target is None:
@@ -286,7 +334,7 @@ class PrivacyEngine:
             return math.inf
         accountant = create_accountant(self.accountant.mechanism())
         accountant.history = list(self.accountant.history) + extra
-        return float(accountant.get_epsilon(delta=self.target[1]))
+        return _epsilon(accountant, self.target[1])
 
     def _steps_within(self, epsilon: float, delta: float) -> int:
         """The most steps at the current noise and sample rate that spend at most epsilon."""
@@ -315,8 +363,45 @@ class PrivacyEngine:
 def _calibrated_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
                       accountant: str) -> float:
     """Opacus's noise multiplier for the budget (cached: its binary search takes seconds)."""
+    orders = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
     return get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                sample_rate=sample_rate, steps=steps, accountant=accountant)
+                                sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                **orders)
+
+
+def _epsilon(accountant, delta: float) -> float:
+    """The accountant's epsilon at ``delta``. RDP: Opacus's computation over
+    :data:`RDP_ORDERS`, with each (noise, rate)'s RDP per step computed once (it is the costly
+    part, and a run asks after every epoch)."""
+    if accountant.mechanism() != "rdp":
+        return float(accountant.get_epsilon(delta=delta))
+    rdp = sum(steps * _rdp_per_step(z, q) for z, q, steps in accountant.history)
+    return float(rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float):
+    return rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                    orders=RDP_ORDERS)
+
+
+def _check_accountant_enforces(accountant: str) -> None:
+    if accountant == "gdp":
+        raise ValueError(GDP_REFUSED)
+
+
+def _input_shape(data_loader) -> tuple[int, ...]:
+    """The shape of one example's input: the first tensor of the data set's first item."""
+    try:
+        item = data_loader.dataset[0]
+    except Exception as error:  # any data set: its own error type
+        raise ValueError(f"cannot read the data set's first item to size the per-example "
+                         f"probe ({error}): pass input_shape=") from error
+    while isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if not hasattr(item, "shape"):
+        raise ValueError("the data set's first item holds no tensor: pass input_shape=")
+    return tuple(item.shape)
 
 
 def _split_noise(noise_multiplier: float, share: float, layers: int) -> tuple[float, float]:

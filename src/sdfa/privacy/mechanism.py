@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 
 from ..convert import rules_of
@@ -35,6 +36,13 @@ from ..dfa import FEEDBACK_ATTR, dfa_config
 from ..feedback import DirectFeedback
 from ..layers import is_trainable
 from . import bounds
+
+SECOND_BACKWARD = (
+    "privacy: a second backward pass before optimizer.step(): each pass is bounded on its own, "
+    "so one example could contribute to both and move the update by up to twice the "
+    "sensitivity that calibrates the noise. Call optimizer.step() after every backward pass "
+    "(or optimizer.zero_grad() to discard one)"
+)
 
 
 @dataclass
@@ -132,6 +140,8 @@ class FeedbackMechanism:
     def _clip_feedback(self, layer: LayerBound, grad: torch.Tensor) -> torch.Tensor:
         if layer.is_output:
             self.backward_passes += 1
+            if self.backward_passes > 1:
+                raise ValueError(SECOND_BACKWARD)
             if self.loss_reduction == "mean":  # per-example errors, not their batch average
                 grad = grad * grad.shape[0]
         if layer.feedback_bound is None:
@@ -166,7 +176,7 @@ class FeedbackMechanism:
                 layer.feedback_bound = self._derived_bound(layer)
         return {name: layer.sensitivity() for name, layer in self.layers.items()}
 
-    def end_step(self, generator: torch.Generator | None) -> None:
+    def end_step(self, generator: torch.Generator | None, secure_mode: bool = False) -> None:
         """Adapt the clipping thresholds (dp-noisy-projection) and forget this step's records.
 
         Each threshold moves geometrically towards the ``target_quantile`` of its per-example
@@ -177,7 +187,8 @@ class FeedbackMechanism:
             if self.count_noise and layer.norms:
                 norms = torch.cat(layer.norms)
                 below = ((norms <= layer.feedback_bound).double() - 0.5).sum().item()
-                noise = torch.normal(0.0, self.count_noise, (1,), generator=generator).item()
+                reference = torch.zeros(1, dtype=torch.float64, device=norms.device)
+                noise = _generate_noise(self.count_noise, reference, generator, secure_mode).item()
                 fraction = (below + noise) / self.expected_batch_size + 0.5
                 layer.feedback_bound *= math.exp(
                     -self.clip_learning_rate * (fraction - self.target_quantile)
@@ -321,10 +332,11 @@ class DPFeedbackOptimizer(DPOptimizer):
 
     @property
     def accumulated_iterations(self) -> int:
-        return max(1, self.mechanism.backward_passes)
+        return 1  # a second backward pass before step() is refused (FeedbackMechanism)
 
     def zero_grad(self, set_to_none: bool = False):
         super().zero_grad(set_to_none)
+        self.mechanism.discard_step()  # the cleared passes are not part of the next step
         self._zeroed = True
 
     def pre_step(self, closure=None) -> bool:
@@ -343,6 +355,6 @@ class DPFeedbackOptimizer(DPOptimizer):
         self.scale_grad()
         if self.step_hook:
             self.step_hook(self)
-        self.mechanism.end_step(self.generator)
+        self.mechanism.end_step(self.generator, self.secure_mode)
         self._zeroed = False
         return True
