@@ -207,8 +207,9 @@ def _train(args) -> int:
     print(f"{rule} on {summary['dataset']} ({summary['model']}): {_figures(summary, 'test')} "
           f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)")
     if "privacy" in summary:
+        private = "" if summary.get("private", True) else "; NOT private: seeded noise"
         print(f"{summary['privacy']}: epsilon {summary['epsilon']:.3f} at delta "
-              f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3f})")
+              f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3f}{private})")
     print(f"run directory: {summary['run_dir']}")
     return 0
 

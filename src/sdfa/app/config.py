@@ -143,6 +143,7 @@ KEY_HELP = {
     "noise_multiplier": "noise std over the sensitivity (instead of epsilon)",
     "accountant": "privacy accountant: rdp, prv or gdp",
     "privacy_options": "options of the privacy method, e.g. privacy_options.max_input_norm=8.0",
+    "privacy_noise": "secret (OS entropy, default), secure (torchcsprng) or seeded (NOT private)",
     "out": "run directory (default runs/<settings>-<time>)",
     "device": "auto, cpu or cuda[:N]",
     "threads": "torch CPU threads (default: 1 for small steps, else torch's)",
@@ -282,6 +283,8 @@ def validate(config: TrainConfig) -> None:
         check_config(config)
     elif config.epsilon is not None or config.noise_multiplier is not None:
         raise ValueError("epsilon / noise_multiplier need a privacy method, e.g. --privacy dp-dfa")
+    elif config.privacy_noise != "secret":
+        raise ValueError("privacy_noise applies to private runs only (--privacy METHOD)")
 
 
 def _choice(key, value, choices):

@@ -130,7 +130,7 @@ class PrivacyCallback(Callback):
             print(NOT_PRIVATE, file=sys.stderr)
             self.noise = torch.Generator(trainer.device).manual_seed(c.seed)
             if loader.generator is not None:  # Poisson sampling draws from it
-                loader.generator.manual_seed(1_000_003 * c.seed + 1)
+                loader.generator.manual_seed((1_000_003 * c.seed + 1) % 2**64)
         self.engine = PrivacyEngine(accountant=c.accountant,
                                     secure_mode=c.privacy_noise == "secure")
         self.options = run_options(c.privacy, trainer.task.input_shape, dict(c.privacy_options))
