@@ -13,7 +13,9 @@ How it works, without touching the user's layers:
   the local derivatives of everything inside the block (activations, norms, pooling, attention,
   recurrences: any module) and computes the gradient of every parameter of the block.
 * With ``per_position=True`` the output y has shape (batch, *positions, C) and every block output
-  (batch, *positions, d_l): B_l has shape (C, d_l) and is applied at every position.
+  (batch, *positions, d_l): B_l has shape (C, d_l) and is applied at every position;
+  ``per_position="sum"`` sends the error summed over the positions, (sum_p e_p) B_l, to every
+  position (a spiking network's error once per sample instead of at every time step).
 * A module whose output is a tuple (nn.LSTM's ``(output, (h, c))``) marks one tensor of it as its
   block output, the first one by default or the one at the index given with
   ``boundaries=[("lstm", (1, 0))]``; every other tensor of the tuple is detached too, so no
@@ -63,14 +65,25 @@ class _DirectFeedback(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        e = grad.reshape(-1, grad.shape[-1]) if ctx.per_position else grad.flatten(1)
+        if ctx.per_position == "sum":  # once per sample: the error summed over the positions
+            e = grad.flatten(1, -2).sum(1)
+        else:
+            e = grad.reshape(-1, grad.shape[-1]) if ctx.per_position else grad.flatten(1)
         # Under autocast e and h are bfloat16 while B keeps float32: project in B's dtype and
         # hand each block output a gradient of its own dtype (both casts are no-ops otherwise).
         hidden = [
-            f.project(e.to(f.dtype)).reshape(shape).to(dtype)
+            _spread(f.project(e.to(f.dtype)), shape, ctx.per_position).to(dtype)
             for f, (shape, dtype) in zip(ctx.feedbacks, ctx.shapes)
         ]
         return (None, None, grad, *hidden)
+
+
+def _spread(projected: torch.Tensor, shape: torch.Size, per_position) -> torch.Tensor:
+    """The projected error in the block output's shape; ``"sum"``: the same at every position."""
+    if per_position != "sum":
+        return projected.reshape(shape)
+    batch, features = shape[0], shape[-1]
+    return projected.view(batch, *(1,) * (len(shape) - 2), features).expand(shape)
 
 
 class DirectFeedbackAlignment:
@@ -98,8 +111,8 @@ class DirectFeedbackAlignment:
                 "rule 'dfa' found no trainable unit to train (sdfa.layers.LAYERS lists the layer "
                 "types; add yours with sdfa.register_layer)"
             )
-        if not isinstance(per_position, bool):
-            raise ValueError(f"per_position must be True or False; got {per_position!r}")
+        if not isinstance(per_position, bool) and per_position != "sum":
+            raise ValueError(f"per_position must be True, False or 'sum'; got {per_position!r}")
         if per_position and dilation is not None:
             raise ValueError(
                 "per_position=True shares B over positions; dilation= (convolutional feedback) "

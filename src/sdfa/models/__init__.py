@@ -7,4 +7,6 @@ Each preset is a plain function registered with :func:`register_model` that retu
 from . import alexnet, crafton, lenet, mlp, resnet  # noqa: F401  (registers the presets)
 from .registry import MODELS, available_models, build_model, model_options, register_model
 
+from ..spiking import models as _spiking  # noqa: E402,F401  (registers snn-mlp, snn-conv)
+
 __all__ = ["MODELS", "available_models", "build_model", "model_options", "register_model"]
