@@ -112,7 +112,10 @@ class DirectFeedbackAlignment:
                 "types; add yours with sdfa.register_layer)"
             )
         if not isinstance(per_position, bool) and per_position != "sum":
-            raise ValueError(f"per_position must be True, False or 'sum'; got {per_position!r}")
+            raise ValueError(
+                f"per_position must be True or False, or 'sum' (the error summed over the "
+                f"positions); got {per_position!r}"
+            )
         if per_position and dilation is not None:
             raise ValueError(
                 "per_position=True shares B over positions; dilation= (convolutional feedback) "
