@@ -12,6 +12,7 @@ from .alignment import capture_rng, measure_alignment
 from .app.run import load_run
 from .convert import convert, feedback_matrices, rules_of
 from .costs import costs
+from .fdfa import FDFA  # noqa: F401  (registers the rule 'fdfa')
 from .layers import backprop, is_trainable, register_layer
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule

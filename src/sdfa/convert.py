@@ -110,7 +110,7 @@ def convert(
             _check_supported(name, module, rule_name, parts)
 
     # Layer-wise rules swap modules; DFA hooks the final ones, so it goes last.
-    for prefix in sorted(rules, key=lambda p: rules[p].name == "dfa"):
+    for prefix in sorted(rules, key=lambda p: rules[p].direct):
         model = rules[prefix].apply(model, assigned[prefix], seed)
     setattr(model, _ATTR, layer_rules)
     return model

@@ -64,6 +64,8 @@ class FeedbackCost:
     via: str
     rewrites: bool = False
     mirror: bool = False
+    tangent: bool = False  # FDFA: a tangent through every unit after the first block output,
+    # and d u^T (C N_l) per block output to learn B_l: priced as error work of the block
 
 
 # One entry per rule name in sdfa.RULES (a test checks that none is missing).
@@ -77,6 +79,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
     "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
+    "fdfa": FeedbackCost("e B", tangent=True),  # DFA's pass; B learned from forward tangents
 }
 
 
@@ -516,6 +519,9 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dic
         work = _work(call)
         own = row(call.name)
         own.forward += work.forward
+        if cost.tangent and previous is not None:  # the unit's input carries a tangent
+            # torch's jvp of a layer also runs the product with the (zero) tangent of W: 2x
+            own.error += 2 * work.forward
         if any(p.requires_grad for n, p in call.module.named_parameters() if n != "feedback"):
             own.update += work.update
         if call.input_grad:
@@ -544,6 +550,8 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dic
             target.via += f" at {at:,} positions"
         target.neurons = feedback.shape[1] * at
         target.error += macs * at
+        if RULE_COSTS.get(layer_rules.get(label, "dfa"), RULE_COSTS["dfa"]).tangent:
+            target.error += math.prod(feedback.shape) * at  # mean_batch(d u^T)
         target.gather += gather * at
         target.error_values += errors * at
         target.weight_values += weights * at

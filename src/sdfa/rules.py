@@ -47,6 +47,7 @@ class Rule:
     paper: str = ""
     options: dict[str, object] = {}
     needs_twin = False
+    direct = False  # DFA-like: hooks the final modules, so convert() applies it last
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -87,6 +88,7 @@ class DFA(Rule):
 
     name = "dfa"
     paper = "Nokland 2016; sparse: Crafton, Parihar, Gebhardt, Raychowdhury 2019"
+    direct = True
     options = {
         "k": None,
         "rank": None,
