@@ -67,76 +67,94 @@ def latency_times(x: torch.Tensor, steps: int, window: float = 0.5) -> torch.Ten
 
 
 class SpikeTimeLayer:
-    """One layer's simulation with its traces (plain tensors: created per forward pass)."""
+    """One layer's simulation with its traces (plain tensors, made per forward pass).
+
+    The traces are kept in factored form: sum_k dt_k/dw_ij = sum_s P_is E_js + Q_is A_js with
+    E_js, A_js the input sums at step s (``inputs``: (batch, M, steps) each) and per-neuron
+    coefficients P, Q (batch, N, steps) that the resets make depend on earlier spikes; so no
+    (batch, N, M) tensor is needed and the weight gradient is one matrix product.
+    """
 
     def __init__(self, weight, theta, tau, steps, perturb, generator):
         self.weight, self.theta, self.tau, self.steps = weight, theta, tau, steps
         self.perturb, self.generator = perturb, generator
 
     def run(self, times_in, tangent_in=None, traces=True):
-        """Spike times (batch, N, steps) and their tangents; fills ``self.trace`` (batch, N,
-        M) = sum_k dt_k / dw and ``self.noise`` (batch, N) when ``traces``."""
+        """Spike times (batch, N, steps), inf where none, and their tangents."""
         w = self.weight
         batch, m, steps = times_in.shape
         n = w.shape[0]
         tau, theta, dt = self.tau, self.theta, 1.0 / steps
-        dtype, device = w.dtype, w.device
-        a = torch.zeros(batch, n, dtype=dtype, device=device)
-        b = torch.zeros_like(a)
-        da, db = torch.zeros_like(a), torch.zeros_like(a)
-        last = torch.full_like(a, -math.inf)
-        out = torch.full((batch, n, steps), math.inf, dtype=dtype, device=device)
+        has = torch.isfinite(times_in)
+        e1 = torch.where(has, torch.exp(times_in.masked_fill(~has, 0) / tau),
+                         torch.zeros_like(times_in))
+        e2 = e1 * e1
+        # cumulative input sums per step (batch, M, steps), then a and b of every step at once
+        big_e, big_a = e1.cumsum(2), e2.cumsum(2)
+        a_all = (big_a.transpose(1, 2) @ w.t())  # (batch, steps, N)
+        b_all = (big_e.transpose(1, 2) @ w.t())
+        if tangent_in is not None:
+            tan = torch.where(has, tangent_in, torch.zeros_like(tangent_in))
+            da_all = ((e2 * tan).cumsum(2) * (2 / tau)).transpose(1, 2) @ w.t()
+            db_all = ((e1 * tan).cumsum(2) / tau).transpose(1, 2) @ w.t()
+        zeros = torch.zeros(batch, n, dtype=w.dtype, device=w.device)
+        reset_b, reset_db = zeros.clone(), zeros.clone()
+        last = torch.full_like(zeros, -math.inf)
+        out = torch.full((batch, n, steps), math.inf, dtype=w.dtype, device=w.device)
         out_tangent = torch.zeros_like(out)
         if traces:
-            big_a = torch.zeros(batch, m, dtype=dtype, device=device)
-            big_e = torch.zeros_like(big_a)
-            reset = torch.zeros(batch, n, m, dtype=dtype, device=device)
-            self.trace = torch.zeros_like(reset)
+            self.inputs = (big_e, big_a)
+            rho, sigma = torch.zeros_like(out), torch.zeros_like(out)  # R = rho E + sigma A
+            self.p, self.q = torch.zeros_like(out), torch.zeros_like(out)
         for s in range(steps):
-            t_in = times_in[..., s]
-            has = torch.isfinite(t_in)
-            t0 = torch.where(has, t_in, torch.zeros_like(t_in))
-            e1 = torch.where(has, torch.exp(t0 / tau), torch.zeros_like(t0))
-            e2 = e1 * e1
-            a = a + e2 @ w.t()
-            b = b + e1 @ w.t()
-            if tangent_in is not None:
-                tan = tangent_in[..., s]
-                da = da + (e2 * (2 / tau) * tan) @ w.t()
-                db = db + (e1 * (1 / tau) * tan) @ w.t()
-            if traces:
-                big_a += e2
-                big_e += e1
+            a, b = a_all[:, s], b_all[:, s] - reset_b
             disc = b * b - 4 * a * theta
             ok = (disc > 0) & (a > 0)
             root = torch.where(ok, 2 * a / (b + disc.clamp_min(0).sqrt()), torch.ones_like(a))
             ok = ok & (root > 0)
             t = tau * torch.log(root.clamp_min(1e-30))
-            start = max(s * dt, 0.0)
-            fire = ok & (t >= start) & (t >= last) & (t < start + dt)
+            fire = ok & (t >= s * dt) & (t >= last) & (t < (s + 1) * dt)
             if not fire.any():
                 continue
             x = root
-            slope = (2 * a / (x * x) - b / x) / tau  # dF/dt at the crossing (> 0 when rising)
-            t_dot = -(db / x - da / (x * x)) / slope
-            t_dot = torch.where(fire, t_dot, torch.zeros_like(t_dot))
+            slope = (2 * a / (x * x) - b / x) / tau  # dF/dt at the crossing
             out[..., s] = torch.where(fire, t, out[..., s])
-            out_tangent[..., s] = t_dot
-            b = b - torch.where(fire, theta * x, torch.zeros_like(x))  # reset at t_k
-            db = db - theta * x / tau * t_dot  # the reset moves with the spike time
+            reset_b = reset_b + torch.where(fire, theta * x, zeros)  # reset at t_k
             last = torch.where(fire, t, last)
+            if tangent_in is not None:
+                db = db_all[:, s] - reset_db
+                t_dot = torch.where(fire, -(db / x - da_all[:, s] / (x * x)) / slope, zeros)
+                out_tangent[..., s] = t_dot
+                reset_db = reset_db + theta * x / tau * t_dot  # the reset moves with t_k
             if traces:
-                bi, ni = fire.nonzero(as_tuple=True)
-                xs, sl = x[bi, ni].unsqueeze(1), slope[bi, ni].unsqueeze(1)
-                dfdw = (big_e[bi] - reset[bi, ni]) / xs - big_a[bi] / (xs * xs)
-                dtdw = -dfdw / sl
-                reset[bi, ni] += theta / tau * xs * dtdw
-                self.trace[bi, ni] += dtdw
+                g = torch.where(fire, 1 / (x * slope), zeros).unsqueeze(2)
+                p_k, q_k = g * rho, g * sigma
+                p_k[..., s] -= g[..., 0]
+                q_k[..., s] += (g[..., 0] / x)
+                k = theta / tau * torch.where(fire, x, zeros).unsqueeze(2)
+                rho += k * p_k
+                sigma += k * q_k
+                self.p += p_k
+                self.q += q_k
         if self.perturb:
-            self.noise = torch.randn(batch, n, generator=self.generator, dtype=dtype).to(device)
+            self.noise = torch.randn(batch, n, generator=self.generator, dtype=w.dtype)
+            self.noise = self.noise.to(w.device)
             out_tangent = torch.where(torch.isfinite(out), out_tangent + self.noise.unsqueeze(2),
                                       out_tangent)
         return out, out_tangent
+
+    @property
+    def trace(self) -> torch.Tensor:
+        """sum_k dt_k / dw_ij of every sample (batch, N, M) (for inspection and tests)."""
+        big_e, big_a = self.inputs
+        return self.p @ big_e.transpose(1, 2) + self.q @ big_a.transpose(1, 2)
+
+    def weight_grad(self, err: torch.Tensor) -> torch.Tensor:
+        """sum_b err_bi sum_k dt_k/dw_ij for per-neuron errors ``err`` (batch, N)."""
+        big_e, big_a = self.inputs
+        e = err.unsqueeze(2)
+        return (torch.einsum("bns,bms->nm", e * self.p, big_e)
+                + torch.einsum("bns,bms->nm", e * self.q, big_a))
 
 
 class _SpikeCountGrad(Function):
@@ -234,12 +252,12 @@ class SFDFANetwork(nn.Module):
     def _weight_grads(self, delta):
         """dL/dw of every layer from the output error delta = -dL/dcount (batch, C)."""
         grads = [None] * len(self.weights)
-        grads[-1] = torch.einsum("bc,bcm->cm", delta, self.layers[-1].trace)
+        grads[-1] = self.layers[-1].weight_grad(delta)
         for i, feedback in enumerate(self.feedbacks()):
             layer = self.layers[i]
             err = delta @ feedback
             if self.reg_factor:
                 mean_fr = layer.counts.mean(0)
                 err = err + self.reg_factor * (self.fr_target - mean_fr) / len(delta)
-            grads[i] = torch.einsum("bn,bnm->nm", err, layer.trace)
+            grads[i] = layer.weight_grad(err)
         return grads
