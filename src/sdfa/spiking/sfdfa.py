@@ -53,6 +53,12 @@ import torch
 from torch import nn
 from torch.autograd import Function
 
+from .. import feedback as fb
+from ..models.registry import register_model
+from ..rules import Rule, register_rule
+from ..tasks import register_task
+from ..tasks.classification import Classification
+
 
 def latency_times(x: torch.Tensor, steps: int, window: float = 0.5) -> torch.Tensor:
     """(batch, features) intensities in [0, 1] -> spike times (batch, features, steps), inf
@@ -213,6 +219,8 @@ class SFDFANetwork(nn.Module):
         to [0, 1] by its own minimum and maximum, then latency coded) or for input spike
         times (batch, M, steps)."""
         dtype = self.weights[0].dtype
+        if self.weights[0].is_meta:  # a shape-only copy (sdfa.costs): nothing to simulate
+            return torch.zeros(len(x), self.sizes[-1], dtype=dtype, device="meta")
         if x.dim() == 3 and x.shape[1:] == (self.sizes[0], self.steps):
             times = x.to(dtype)
         else:
@@ -261,3 +269,70 @@ class SFDFANetwork(nn.Module):
                 err = err + self.reg_factor * (self.fr_target - mean_fr) / len(delta)
             grads[i] = layer.weight_grad(err)
         return grads
+
+
+class SpikeCount(Classification):
+    """Classification by output spike counts with the SFDFA code's loss: 0.5 sum_c (target_c -
+    count_c)^2 per sample, targets ``true`` (15) for the label and ``false`` (3) otherwise."""
+
+    name = "spike-count"
+
+    def __init__(self, data, *, true: float = 15.0, false: float = 3.0, **options):
+        super().__init__(data, **options)
+        self.true, self.false = true, false
+
+    def _targets(self, outputs, labels):
+        targets = torch.full_like(outputs, self.false)
+        return targets.scatter_(1, labels.unsqueeze(1), self.true)
+
+    def loss(self, outputs, targets):
+        return 0.5 * (self._targets(outputs, targets) - outputs).square().sum(1).mean()
+
+    def metrics(self, outputs, targets, loss=None):
+        if loss is None:
+            with torch.no_grad():
+                loss = float(self.loss(outputs, targets))
+        return super().metrics(outputs, targets, loss)
+
+
+register_task("spike-count", SpikeCount)
+
+
+@register_rule
+class SFDFA(Rule):
+    """SFDFA on the spike-time LIF networks of the model (``SFDFANetwork``); with
+    ``learn_feedback=False`` the same neurons and traces with a fixed U(-1, 1) B (the SFDFA
+    code's DFA baseline)."""
+
+    name = "sfdfa"
+    paper = "Bacho, Chu 2024 (Forward Direct Feedback Alignment, spiking)"
+    options = {"learn_feedback": True, "feedback_lr": 1e-4, "reg_factor": 0.3, "fr_target": 0.4}
+
+    def apply(self, model, layers, seed):
+        nets = [(n, m) for n, m in model.named_modules() if isinstance(m, SFDFANetwork)]
+        if not nets:
+            raise ValueError(
+                "rule 'sfdfa' trains spike-time LIF networks (the preset sfdfa-mlp, "
+                "sdfa.spiking.sfdfa.SFDFANetwork); this model has none: use 'fdfa' or 'dfa'"
+            )
+        for name, net in nets:
+            net.learn_feedback = bool(self.config["learn_feedback"])
+            net.feedback_lr = self.config["feedback_lr"]
+            net.reg_factor, net.fr_target = self.config["reg_factor"], self.config["fr_target"]
+            gen = fb.generator(seed, name or "sfdfa")
+            with torch.no_grad():
+                for feedback in net.feedbacks():
+                    if net.learn_feedback:
+                        feedback.zero_()
+                    else:
+                        feedback.copy_(torch.rand(feedback.shape, generator=gen) * 2 - 1)
+        return model
+
+
+@register_model("sfdfa-mlp")
+def sfdfa_mlp(input_shape, num_classes, hidden=(400, 400), steps=30, tau_s=0.65,
+              thresholds=None, window=0.5):
+    """A fully connected spike-time LIF network (the SFDFA code's neurons; latency-coded input)
+    for the rule 'sfdfa' and the task 'spike-count'. Time runs over [0, 1] in ``steps`` steps."""
+    sizes = (math.prod(input_shape), *hidden, num_classes)
+    return SFDFANetwork(sizes, steps=steps, tau_s=tau_s, thresholds=thresholds, window=window)

@@ -15,9 +15,10 @@ register_task = TASKS.register
 register_task("classification", Classification)
 
 
-def build_task(data, **options) -> Task:
-    """The task that the loaded data set ``data`` is for (``data.task``), built on it."""
-    return TASKS.lookup(getattr(data, "task", "classification"))(data, **options)
+def build_task(data, task: str | None = None, **options) -> Task:
+    """The task ``task`` (default: the one the loaded data set is for, ``data.task``), built on
+    the data set ``data``."""
+    return TASKS.lookup(task or getattr(data, "task", "classification"))(data, **options)
 
 
 __all__ = ["TASKS", "Classification", "Task", "build_task", "register_task"]
