@@ -282,7 +282,14 @@ def _lee2020() -> ExperimentSet:
     )
 
 
-SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark(), _lee2020())}
+def _spiking_sets() -> list[ExperimentSet]:
+    from ..spiking import experiments
+
+    return [experiments.bacho2024(Experiment, ExperimentSet, QUICK)]
+
+
+SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark(), _lee2020(),
+                            *_spiking_sets())}
 
 
 # -- running ----------------------------------------------------------------------------------
