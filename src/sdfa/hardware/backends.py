@@ -40,6 +40,11 @@ class CrossbarFeedback(fb.DirectFeedback):
     def dense(self):
         return self.crossbar.effective_weight()
 
+    def direct_cost(self):
+        """For sdfa.costs: the C N products of e @ B, done by the array."""
+        c, n = self.shape
+        return c * n, 0, c * n, c * n, "e B (crossbar)"
+
     @property
     def shape(self):
         return tuple(self.crossbar.g_pos.shape)
@@ -89,7 +94,7 @@ class OpticalBackend(fb.FeedbackBackend):
         return OpticalFeedback.create(
             classes,
             neurons,
-            target_std=float(b.double().std()) if b.numel() > 1 else float(b.abs().sum()),
+            target_std=1.0 if b.is_meta or b.numel() < 2 else float(b.double().std()),
             options=options,
             gen=torch.Generator().manual_seed(device_seed),
             seed=device_seed,

@@ -166,6 +166,10 @@ class Crossbar(nn.Module):
         which cells are stuck is a property of the array, drawn once from the seed.
         """
         o = self.options
+        if weight.device.type == "meta":  # sdfa.costs traces a data-free twin of the model
+            self.g_pos = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+            self.g_neg = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+            return
         g_pos, g_neg = self.levels(weight)
         if o.variation > 0:
             g_pos = g_pos * torch.exp(

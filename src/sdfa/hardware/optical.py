@@ -23,13 +23,17 @@ a known field c = a R_a to every frame. With x shown alone and together with the
 
     |x R + c|^2 - |x R|^2 - |c|^2 = 2 Re((x R) conj(c)),
 
-linear in x; dividing column j by 2|c_j| leaves ``x M`` with M_ij = Re(R_ij conj(c_j) / |c_j|),
-i.i.d. N(0, 1/n) (a fixed phase rotation keeps a circular Gaussian's law). |c|^2 is one frame
-measured per batch. Cost: **2 frames per binary input** plus one, i.e. 4 frames per error
-vector with ternary encoding, 4 * input_bits with bit planes. M is rescaled digitally (one
-gain per matrix) to the standard deviation of the exact backend's B, so learning rates carry
-over. ``dense()`` is that effective matrix; with no noise and no quantisation the projection
-equals ``e @ dense()`` exactly (bit planes: up to the input's quantisation).
+linear in x: half of it is ``x M`` with M_ij = Re(R_ij conj(c_j)), Gaussian given the anchor
+field, column j scaled by |c_j| (a Rayleigh factor). |c|^2 is one frame measured per batch.
+Cost: **2 frames per binary input** plus one, i.e. 4 frames per error vector with ternary
+encoding, 4 * input_bits with bit planes. Ohana et al. report i.i.d. Gaussian entries; we do
+not divide column j by the measured |c_j| (which would make M_ij = Re(R_ij e^{-i arg c_j}),
+i.i.d. N(0, 1/n)), because it amplifies the camera's quantisation noise without bound on the
+pixels where the anchor's speckle is dark: with an 8-bit camera the projection lost all
+direction (cosine 0.1 with e @ M in our check). M is rescaled digitally (one gain per
+matrix, set at calibration) to the standard deviation of the exact backend's B, so learning
+rates carry over. ``dense()`` is that effective matrix; with no noise and no quantisation the
+projection equals ``e @ dense()`` exactly (bit planes: up to the input's quantisation).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ ENCODINGS = ("ternary", "bitplanes")
 class OpticalOptions:
     """Physical parameters of the simulated OPU (docs/hardware.md gives each default's source).
 
-    encoding: "ternary" (TinyDFA) or "bitplanes".
+    encoding: "bitplanes" or "ternary" (TinyDFA; it did not learn in our runs, docs/hardware.md).
     threshold: tau of the ternarisation (e_t = +-1 where |e| > tau / B).
     input_bits: bit planes per sign ("bitplanes").
     camera_bits: camera quantisation (None: ideal camera).
@@ -58,9 +62,9 @@ class OpticalOptions:
     anchor: anchor pixels of the recovery scheme (None: as many as the error has entries).
     """
 
-    encoding: str = "ternary"
+    encoding: str = "bitplanes"
     threshold: float = 0.1
-    input_bits: int = 8
+    input_bits: int = 4
     camera_bits: int | None = 8
     photons: float | None = None
     noise: float = 0.0
@@ -103,7 +107,9 @@ class OpticalOptions:
 
 def ternarize(e: torch.Tensor, threshold: float) -> torch.Tensor:
     """TinyDFA's e_t = 1[e > tau/B] - 1[e < -tau/B], B = e.shape[0] (rows of the batch)."""
-    t = threshold / max(e.shape[0], 1)
+    # the threshold in e's own dtype: at a uniform output (zero-initialised DFA layers, C = 10)
+    # e's entries are exactly tau / B there, and a float64 threshold would flip them all to +1
+    t = torch.tensor(threshold, dtype=e.dtype) / max(e.shape[0], 1)
     return (e > t).to(e.dtype) - (e < -t).to(e.dtype)
 
 
@@ -142,10 +148,12 @@ class OpticalFeedback(DirectFeedback):
             options
         )
         n = num_classes + (options.anchor or num_classes)
-        std = 1.0 / math.sqrt(n)  # per component, as lightonml's simulator
+        std = 1.0 / math.sqrt(n)  # per component, as in lightonml's simulator
         r_real = torch.randn(n, num_neurons, generator=gen, dtype=torch.float64) * std
         r_imag = torch.randn(n, num_neurons, generator=gen, dtype=torch.float64) * std
-        gain = target_std / std  # M has entries of std 1/sqrt(n): rescale to B's std
+        anchor = torch.complex(r_real[num_classes:], r_imag[num_classes:]).sum(0)
+        m = (torch.complex(r_real[:num_classes], r_imag[:num_classes]) * anchor.conj()).real
+        gain = target_std / float(m.std()) if m.numel() > 1 else target_std  # M to B's std
         return cls(r_real.to(dtype), r_imag.to(dtype), gain, num_classes, options, seed).to(device)
 
     # -- the optics -------------------------------------------------------------------------
@@ -182,8 +190,8 @@ class OpticalFeedback(DirectFeedback):
         return measured
 
     def measure_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ M`` for binary frames ``x`` (frames, C), recovered from 2 intensity frames each
-        (x with and without the anchor) and one frame of the anchor alone."""
+        """``x @ M``, M = Re(R conj(c)), for binary frames ``x`` (frames, C), recovered from 2
+        intensity frames each (x with and without the anchor) and one of the anchor alone."""
         _, anchor = self._fields()
         with_anchor = self.intensity(x, True)
         alone = self.intensity(x, False)
@@ -194,7 +202,7 @@ class OpticalFeedback(DirectFeedback):
             else torch.cat([with_anchor, reference]).max()
         )
         i1, i2, i0 = (self.camera(i, fs) for i in (with_anchor, alone, reference))
-        return (i1 - i2 - i0) / (2 * i0.clamp_min(1e-30).sqrt())
+        return (i1 - i2 - i0) / 2
 
     # -- DirectFeedback ---------------------------------------------------------------------
 
@@ -216,12 +224,16 @@ class OpticalFeedback(DirectFeedback):
 
     def dense(self):
         r, anchor = self._fields()
-        phase = anchor.conj() / anchor.abs().clamp_min(1e-30)
-        return (r * phase).real * self.gain
+        return (r * anchor.conj()).real * self.gain
 
     @property
     def shape(self):
         return (self.num_classes, self.r_real.shape[1])
+
+    def direct_cost(self):
+        """For sdfa.costs: the C N products of e @ B, done by the OPU (its frames apart)."""
+        c, n = self.shape
+        return c * n, 0, c * n, c * n, "e B (OPU)"
 
     def get_extra_state(self):
         return {"options": dataclasses.asdict(self.options), "num_classes": self.num_classes}
