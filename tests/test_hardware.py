@@ -224,3 +224,19 @@ def test_config_keys_reach_convert_and_privacy_is_refused():
     assert "feedback" not in rule_options(TrainConfig())  # other rules keep working
     with pytest.raises(ValueError, match="device's own noise on e @ B is not accounted"):
         validate(TrainConfig(privacy="dp-noisy-projection", feedback="optical"))
+
+
+def test_energy_by_hand_on_a_tiny_network():
+    from sdfa.hardware.energy import Figures, estimate
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    e = estimate(net, (4,), figures=Figures())
+    # forward 12 + 6 MACs, update the same; BP's error 3 x 2 = e @ B's 2 x 3; movement 6 + 6
+    digital = ((18 + 6 + 18) * 4.6 + 12 * 5.0) * 1e-12
+    assert e.bp == pytest.approx(digital) and e.dfa == pytest.approx(digital)
+    rest = 36 * 4.6e-12
+    assert e.dfa_crossbar == pytest.approx(rest + 2 * 6 * 1e-15 + 3 * 2e-12)
+    assert e.dfa_opu == pytest.approx(rest + 16 * 30 * 5e-4)
+    # full use: 16 frames of (2 error + 2 anchor pixels) x 3 outputs at 30 W / 1.5e15 op/s
+    assert e.dfa_opu_full_use == pytest.approx(rest + 16 * 4 * 3 * 30 / 1.5e15)
+    assert e.projection_macs == 6
