@@ -7,6 +7,7 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
+from . import hardware  # registers the device feedback backends
 from ._version import __version__
 from .alignment import capture_rng, measure_alignment
 from .app.run import load_run
@@ -28,6 +29,7 @@ __all__ = [
     "convert",
     "costs",
     "feedback_matrices",
+    "hardware",
     "is_trainable",
     "load_run",
     "measure_alignment",

@@ -77,6 +77,8 @@ def scheduler_factory(config: TrainConfig):
 def rule_options(config: TrainConfig) -> dict:
     options = dict(config.rule_options)
     options.update({k: v for k, v in (("k", config.k), ("rank", config.rank)) if v is not None})
+    if config.feedback != "exact" or config.feedback_options:
+        options.update(feedback=config.feedback, feedback_options=dict(config.feedback_options))
     return options
 
 
