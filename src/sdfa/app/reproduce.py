@@ -371,6 +371,19 @@ SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmar
                             _hardware(), *_spiking_sets())}
 
 
+
+def _rram_adaptation(out, *, quick=False, seeds=None):
+    from ..spiking import adaptation
+
+    return adaptation.run(out, quick=quick, seeds=seeds if isinstance(seeds, int) else None)
+
+
+# Experiments with their own protocol (not a table of training runs): name -> (title, runner).
+PROTOCOLS = {
+    "rram-adaptation": ("Online adaptation of a pre-trained SNN on a simulated RRAM crossbar: "
+                        "DFA vs BP (Bhattacharjee et al. 2025)", _rram_adaptation),
+}
+
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -393,6 +406,10 @@ def reproduce(
         overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
             {"download": True} fetches missing data sets).
     """
+    if isinstance(experiment_set, str) and experiment_set in PROTOCOLS:  # not a set of runs
+        out = Path(out or Path("reproduce") / (experiment_set + ("-quick" if quick else "")))
+        PROTOCOLS[experiment_set][1](out, quick=quick, seeds=seeds)
+        return out / "results.md"
     chosen = _lookup(experiment_set)
     out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
     outcomes = []
@@ -624,5 +641,6 @@ def _one_point_lost(series, harsher, references, reference: str) -> list[str]:
 
 def describe_sets() -> str:
     """One line per set, for ``sdfa reproduce --list``."""
-    return "\n".join(f"{s.name:20s} {s.title}" for s in SETS.values())
+    return "\n".join([f"{s.name:20s} {s.title}" for s in SETS.values()]
+                     + [f"{name:20s} {title}" for name, (title, _) in PROTOCOLS.items()])
 
