@@ -34,24 +34,25 @@ def bacho2024(Experiment, ExperimentSet, quick_defaults):
         exps.append(Experiment(
             "Fashion-MNIST, spike-time LIF 784-400-400-10", label, {**fashion, **opts},
             published=published[label], seeds=(0, 1, 2, 3, 4),
-            quick={"epochs": 2, "train_samples": 3000, "test_samples": 1000,
+            quick={"epochs": 2, "train_samples": 1000, "test_samples": 500,
                    "rule_options": {**opts["rule_options"], "feedback_lr": 1e-3}
                    if label == "SFDFA" else opts["rule_options"]}))
     digits = {**SPIKE_TIME, "dataset": "digits", "epochs": 30,
               "model_options": {"hidden": [400]}}
     for label, opts in _spike_time_rules(1e-3):
         exps.append(Experiment("digits (stand-in for MNIST), spike-time LIF 64-400-10", label,
-                               {**digits, **opts}, seeds=(0, 1, 2), quick={"epochs": 10}))
+                               {**digits, **opts}, seeds=(0, 1, 2),
+                               quick={"epochs": 5, "model_options": {"hidden": [100]}}))
     motions = {**SNN, "dataset": "basicmotions", "epochs": 40, "batch_size": 8,
                "model_options": {"hidden": [64], "coding": "series", "steps": 100}}
     for label, opts in _surrogate_rules():
         exps.append(Experiment("BasicMotions (smartwatch), LIF 6x100 steps-64-4, surrogate",
-                               label, {**motions, **opts}, seeds=(0, 1, 2), quick={}))
+                               label, {**motions, **opts}, seeds=(0, 1, 2), quick={"epochs": 20}))
     digits_snn = {**SNN, "dataset": "digits", "epochs": 15,
                   "model_options": {"hidden": [100], "coding": "rate", "steps": 20}}
     for label, opts in _surrogate_rules():
         exps.append(Experiment("digits, LIF 64-100-10, rate coding 20 steps, surrogate", label,
-                               {**digits_snn, **opts}, seeds=(0, 1, 2), quick={"epochs": 5}))
+                               {**digits_snn, **opts}, seeds=(0, 1, 2), quick={"epochs": 3}))
     return ExperimentSet(
         "bacho2024",
         "Spiking networks: SFDFA vs DFA (Bacho & Chu 2024), and DFA / FDFA on surrogate-"
