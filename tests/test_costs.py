@@ -123,7 +123,8 @@ def parts_net():
     return nn.Sequential(OrderedDict(features=features, classifier=classifier))
 
 
-CASES = [(conv_net, name, {}) for name in sorted(sdfa.RULES)] + [
+CASES = [(conv_net, name, {}) for name in sorted(sdfa.RULES)
+         if not sdfa.RULES[name].model_specific] + [
     (conv_net, "dfa", {"k": 1}),
     (conv_net, "dfa", {"k": 2}),
     (conv_net, "dfa", {"rank": 2}),

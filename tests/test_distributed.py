@@ -81,7 +81,9 @@ PIPELINES = {
     "dfa-frozen-features": ("conv", {"features": "frozen", "classifier": "dfa"}, {}, [1, 2], 2, 12),
 }
 # every registered rule, and sparse DFA
-DATA_PARALLEL = {**{rule: (rule, {}) for rule in sorted(sdfa.RULES)}, "dfa-k1": ("dfa", {"k": 1})}
+# (fdfa and sfdfa learn B from each process's batch: refused, see test_fdfa.py)
+DATA_PARALLEL = {**{rule: (rule, {}) for rule in sorted(sdfa.RULES)
+                    if rule not in ("fdfa", "sfdfa")}, "dfa-k1": ("dfa", {"k": 1})}
 
 
 def batches(model_name, steps=STEPS):

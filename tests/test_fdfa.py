@@ -78,3 +78,11 @@ def test_fdfa_on_a_spiking_net_per_step():
                          "fdfa", per_position=True, feedback_lr=0.05)
     F.cross_entropy(model(torch.rand(3, 6) * 3), torch.tensor([0, 1, 1])).backward()
     assert sdfa.feedback_matrices(model)["1"].abs().sum() > 0
+
+
+def test_data_parallel_refuses_fdfa():
+    from sdfa.distributed.data_parallel import data_parallel
+
+    model = sdfa.convert(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), "fdfa")
+    with pytest.raises(ValueError, match="one process"):
+        data_parallel(model)

@@ -48,6 +48,7 @@ class Rule:
     options: dict[str, object] = {}
     needs_twin = False
     direct = False  # DFA-like: hooks the final modules, so convert() applies it last
+    model_specific = False  # trains only its own kind of network (sfdfa), not any model
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))

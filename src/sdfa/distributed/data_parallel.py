@@ -15,6 +15,17 @@ def data_parallel(model: nn.Module, **options) -> DistributedDataParallel:
     share of the global batch, a step equals a single-process step on the whole global batch.
     ``options`` go to DistributedDataParallel.
     """
+    from ..dfa import dfa_config
+    from ..fdfa import ForwardDirectFeedbackAlignment
+
+    if isinstance(dfa_config(model), ForwardDirectFeedbackAlignment) or any(
+        type(m).__name__ == "SFDFANetwork" for m in model.modules()
+    ):
+        raise ValueError(
+            "rules 'fdfa' and 'sfdfa' learn B from each process's own batch, so data-parallel "
+            "replicas would not equal one process on the global batch: train them in one "
+            "process (no nproc / torchrun)"
+        )
     device = next(model.parameters()).device
     if device.type == "cuda":
         options.setdefault("device_ids", [device])

@@ -306,6 +306,7 @@ class SFDFA(Rule):
 
     name = "sfdfa"
     paper = "Bacho, Chu 2024 (Forward Direct Feedback Alignment, spiking)"
+    model_specific = True
     options = {"learn_feedback": True, "feedback_lr": 1e-4, "reg_factor": 0.3, "fr_target": 0.4}
 
     def apply(self, model, layers, seed):
