@@ -103,3 +103,26 @@ def test_snn_presets_train_with_layerwise_rules_and_refuse_bad_options():
         build_model("snn-mlp", (1, 8, 8), 3, readout="rate")
     with pytest.raises(ValueError, match="per_position must be"):
         sdfa.convert(build_model("snn-mlp", (1, 8, 8), 3), "dfa", per_position="mean")
+
+
+def test_adaptation_step_costs_by_hand():
+    """snn-mlp 6-64-64-4 over 100 steps: forward = update = (6*64 + 64*64 + 64*4) * 100 MACs;
+    BP's error is W2^T and W3^T at every step, DFA's e B for both hidden layers."""
+    from sdfa.spiking.adaptation import step_costs
+
+    cost = step_costs((6, 1, 100), 4)
+    forward = (6 * 64 + 64 * 64 + 64 * 4) * 100
+    assert cost["step_macs"]["bp"] == 2 * forward + (64 * 64 + 64 * 4) * 100
+    assert cost["step_macs"]["dfa"] == 2 * forward + 2 * (4 * 64) * 100
+    assert cost["energy_uj"]["dfa"] < cost["energy_uj"]["bp"]
+
+
+def test_adaptation_runs_on_the_crossbar():
+    from sdfa.spiking import adaptation
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 6, 1, 10), torch.tensor([0, 1, 2, 3, 0, 1])
+    base = build_model("snn-mlp", (6, 1, 10), 4, hidden=(8,), coding="series", steps=10)
+    for rule in ("bp", "dfa"):
+        before, after = adaptation.adapt(base, rule, (x, y), (x, y), passes=1)
+        assert 0 <= before <= 1 and 0 <= after <= 1
