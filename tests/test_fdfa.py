@@ -72,12 +72,22 @@ def test_fdfa_trains_and_keeps_its_state():
 
 def test_fdfa_on_a_spiking_net_per_step():
     pytest.importorskip("snntorch")
-    from sdfa.models import build_model
+    import torch.autograd.forward_ad as fwAD
 
-    model = sdfa.convert(build_model("snn-mlp", (6,), 2, hidden=(5,), steps=4, coding="current"),
-                         "fdfa", per_position=True, feedback_lr=0.05)
+    from sdfa.models import build_model
+    from sdfa.spiking.models import FastSigmoidSpike
+
+    # two hidden LIF layers: the tangent of the first goes through the second's spike function
+    model = sdfa.convert(build_model("snn-mlp", (6,), 2, hidden=(5, 4), steps=4,
+                                     coding="current"), "fdfa", per_position=True,
+                         feedback_lr=0.05)
     F.cross_entropy(model(torch.rand(3, 6) * 3), torch.tensor([0, 1, 1])).backward()
-    assert sdfa.feedback_matrices(model)["1"].abs().sum() > 0
+    assert all(b.abs().sum() > 0 for b in sdfa.feedback_matrices(model).values())
+    x, t = torch.tensor([-0.5, 0.0, 0.3]), torch.tensor([1.0, 2.0, -1.0])
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(FastSigmoidSpike.apply(fwAD.make_dual(x, t), 25.0))
+    assert torch.equal(out.primal, torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(out.tangent, t / (25 * x.abs() + 1) ** 2)
 
 
 def test_data_parallel_refuses_fdfa():

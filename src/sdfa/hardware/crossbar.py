@@ -245,6 +245,10 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad):
         return grad, None
 
+    @staticmethod
+    def jvp(ctx, ideal_tangent, measured_tangent):  # forward mode (FDFA): the ideal product's
+        return ideal_tangent
+
 
 class CrossbarLinear(nn.Linear):
     """An nn.Linear whose forward product runs on a simulated crossbar (in-memory compute).

@@ -31,12 +31,37 @@ READOUTS = ("count", "membrane")
 def _snntorch():
     try:
         import snntorch
-        from snntorch import surrogate
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "spiking models need snntorch: pip install 'sdfa[spiking]' (or pip install snntorch)"
         ) from err
-    return snntorch, surrogate
+    return snntorch
+
+
+class FastSigmoidSpike(torch.autograd.Function):
+    """H(x) forward; the fast-sigmoid surrogate 1 / (slope |x| + 1)^2 as its derivative in
+    both modes (snntorch's ``fast_sigmoid`` has no forward-mode rule, which FDFA needs)."""
+
+    @staticmethod
+    def forward(ctx, x, slope):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.slope = slope
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def _surrogate(ctx, x):
+        return 1.0 / (ctx.slope * x.abs() + 1.0) ** 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * FastSigmoidSpike._surrogate(ctx, x), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, slope_tangent):
+        (x,) = ctx.saved_tensors
+        return x_tangent * FastSigmoidSpike._surrogate(ctx, x)
 
 
 class LIF(nn.Module):
@@ -44,18 +69,20 @@ class LIF(nn.Module):
 
     Per step (snntorch's difference equation, reset by subtraction, delayed by one step):
     U[t] = beta U[t-1] + I[t] - theta S[t-1], S[t] = H(U[t] - theta); the backward pass uses a
-    fast-sigmoid surrogate of H' with ``slope``. ``output="spikes"`` returns S,
-    ``"membrane"`` the potentials U (a non-spiking readout layer).
+    fast-sigmoid surrogate of H' with ``slope`` (:class:`FastSigmoidSpike`, also in forward
+    mode). ``output="spikes"`` returns S, ``"membrane"`` the potentials U (a non-spiking
+    readout layer).
     """
 
     def __init__(self, beta=0.9, threshold=1.0, slope=25.0, output="spikes"):
         super().__init__()
         if output not in ("spikes", "membrane"):
             raise ValueError(f"LIF output must be 'spikes' or 'membrane'; got {output!r}")
-        snntorch, surrogate = _snntorch()
+        snntorch = _snntorch()
         self.output = output
         self.neuron = snntorch.Leaky(
-            beta=beta, threshold=threshold, spike_grad=surrogate.fast_sigmoid(slope=slope),
+            beta=beta, threshold=threshold,
+            spike_grad=lambda x: FastSigmoidSpike.apply(x, slope),
             reset_mechanism="subtract" if output == "spikes" else "none",
         )
 
