@@ -98,7 +98,8 @@ def is_graph(name: str) -> bool:
 
 def load_graph(dataset: str, data_dir=None, /, *, seed: int = 0, split: str = "random",
                train: float = 0.6, val: float = 0.2, per_class: int = 20,
-               split_seed: int | None = None, **options) -> GraphData:
+               split_seed: int | None = None, drop_edges: float = 0.0, add_edges: float = 0.0,
+               **options) -> GraphData:
     """Load graph ``dataset`` (see the module docstring) with the masks of ``split``;
     ``options`` go to its loader (``k``, ``nodes``, the Planetoid ``name``).
 
@@ -126,7 +127,25 @@ def load_graph(dataset: str, data_dir=None, /, *, seed: int = 0, split: str = "r
     else:
         masks = _random_split(graph.num_nodes, train, val, generator)
     graph.train_mask, graph.val_mask, graph.test_mask = masks
+    if drop_edges or add_edges:  # the random structural attack of Zhao et al.'s robustness test
+        graph.edge_index = _perturb(graph.edge_index, graph.num_nodes, drop_edges, add_edges,
+                                    generator)
+        description += f", {drop_edges:.0%} of the edges removed, {add_edges:.0%} added"
     return GraphData(name, graph, num_classes, description)
+
+
+def _perturb(edge_index, n, drop, add, generator):
+    """Remove a fraction ``drop`` of the (undirected) edges and add ``add`` x |E| random ones."""
+    from torch_geometric.utils import to_undirected
+
+    if not (0 <= drop <= 1 and add >= 0):
+        raise ValueError(f"dataset options drop_edges must be in [0, 1] and add_edges >= 0; got "
+                         f"{drop}, {add}")
+    pairs = edge_index[:, edge_index[0] < edge_index[1]]
+    keep = torch.rand(pairs.shape[1], generator=generator) >= drop
+    extra = torch.randint(0, n, (2, round(add * pairs.shape[1])), generator=generator)
+    extra = extra[:, extra[0] != extra[1]]
+    return to_undirected(torch.cat([pairs[:, keep], extra], 1), num_nodes=n)
 
 
 def _random_split(n, train, val, generator):

@@ -30,32 +30,34 @@ from . import ops
 
 
 class _Diffuse(Function):
-    """Identity forward; backward: (S^T)^hops @ grad."""
+    """Identity forward; backward: (S^T)^hops @ grad (``St`` = S^T)."""
 
     @staticmethod
-    def forward(ctx, x, S, hops):
-        ctx.S, ctx.hops = S, hops
+    def forward(ctx, x, St, hops):
+        ctx.St, ctx.hops = St, hops
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        S = ctx.S if ctx.S.dtype == grad.dtype else ctx.S.to(grad.dtype)
-        return ops.diffuse(grad.reshape(grad.shape[0], -1), S, ctx.hops).view_as(grad), None, None
+        St = ctx.St if ctx.St.dtype == grad.dtype else ctx.St.to(grad.dtype)
+        flat = grad.reshape(grad.shape[0], -1)
+        return ops.diffuse(flat, St, ctx.hops).view_as(grad), None, None
 
 
 class _Propagation:
-    """S of the last graph seen (the graph of a node-classification run does not change)."""
+    """S^T of the last graph seen (the graph of a node-classification run does not change)."""
 
     def __init__(self):
         self.key = None
-        self.S = None
+        self.St = None
 
     def __call__(self, edge_index: torch.Tensor, num_nodes: int, dtype) -> torch.Tensor:
         key = (edge_index.data_ptr(), tuple(edge_index.shape), edge_index._version, num_nodes,
                dtype, edge_index.device)
         if key != self.key:
-            self.S, self.key = ops.propagation(edge_index, num_nodes, dtype=dtype), key
-        return self.S
+            S = ops.propagation(edge_index, num_nodes, dtype=dtype)
+            self.St, self.key = ops.transpose(S), key
+        return self.St
 
 
 @register_rule
@@ -99,5 +101,5 @@ def _diffuse_input(propagation, hops, module, args):
     if (backprop_enabled() or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
             or not x.requires_grad or hops == 0):
         return None
-    S = propagation(edge_index, x.shape[0], torch.promote_types(x.dtype, torch.float32))
-    return (_Diffuse.apply(x, S, hops), *args[1:])
+    St = propagation(edge_index, x.shape[0], torch.promote_types(x.dtype, torch.float32))
+    return (_Diffuse.apply(x, St, hops), *args[1:])
