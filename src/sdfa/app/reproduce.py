@@ -390,7 +390,8 @@ def _lookup(experiment_set) -> ExperimentSet:
 
 def _unavailable(values: dict, data_root, download: bool) -> str:
     """Why an experiment cannot run here, one reason a line ('' when it can)."""
-    dataset, model, rule = values["dataset"], values["model"], values.get("rule", "dfa")
+    dataset, model = values["dataset"], values["model"]
+    rule = values.get("rule", "dfa").partition(":")[0]  # a rule spec: dfa-gnn:nf=false
     problems = []
     if model not in MODELS:
         problems.append(f"model {model!r} is not in this installation "
