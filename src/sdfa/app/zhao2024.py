@@ -72,16 +72,18 @@ def zhao2024() -> ExperimentSet:
                                           PAPER.items()) + ". Launay et al. 2020, GCN on Cora "
         "(Planetoid split): BP 80.1, DFA 79.9. Cora, CiteSeer and PubMed are not obtainable "
         "here: load them with --dataset planetoid when you have the files.",
-        notes="the table above: test accuracy after the last epoch (mean ± sd); the table "
-        "below: at the best validation epoch, mean ± 95 % CI over the splits. Ablation: "
-        "3-layer GCN, 64 hidden, Adam lr 0.01, L2 5e-4, BCE on sigmoid outputs, alpha 0.1, T 50, epsilon "
-        "0.5 (Cora's), random 60/20/20 splits (seed = split); epochs and splits scaled down from the "
-        "paper's 1000 epochs and 10 splits (karate 100 epochs x 10 splits, digits 250 x 5, "
-        "Fashion-MNIST 150 x 3) to fit a shared 2-core CPU. "
-        "Launay's protocol: 2 layers, 16 hidden, dropout 0.5, cross-entropy, 250 epochs, 20 "
-        "labels per class (karate: 2), 500 "
-        "validation and 1000 test nodes (fewer on small graphs). Robustness: random edges "
-        "removed or added before training, 250 epochs, 2 splits.",
+        notes=(
+            "the table above: test accuracy after the last epoch (mean ± sd); the table below: "
+            "at the best validation epoch, mean ± 95 % CI over the splits. Ablation: 3-layer "
+            "GCN, 64 hidden, Adam lr 0.01, L2 5e-4, BCE on sigmoid outputs, alpha 0.1, T 50, "
+            "epsilon 0.5 (Cora's), random 60/20/20 splits (seed = split); epochs and splits "
+            "scaled down from the paper's 1000 epochs and 10 splits (karate 100 epochs x 10 "
+            "splits, digits 250 x 5, Fashion-MNIST 150 x 3) to fit a shared 2-core CPU. "
+            "Launay's protocol: 2 layers, 16 hidden, dropout 0.5, cross-entropy, 250 epochs, 20 "
+            "labels per class (karate: 2), 500 validation and 1000 test nodes (fewer on small "
+            "graphs). Robustness: random edges removed or added before training, 250 epochs, "
+            "2 splits."
+        ),
         report=best_validation_section,
     )
 
