@@ -287,3 +287,14 @@ def test_dfa_gnn_refuses_what_it_cannot_train():
         sdfa.convert(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), "dfa-gnn")
     with pytest.raises(ValueError, match="conv must be one of"):
         build_model("gcn", (4,), 3, conv="spline")
+
+
+def test_bench_has_a_gcn_workload_with_its_graph_mac_bound():
+    from sdfa.app import bench
+
+    report = bench.run(["gcn"], rounds=1, warmup=1, round_time=0.01, out=lambda *a: None)
+    rows = {r["contender"]: r for r in report["results"]}
+    assert list(rows) == ["autograd", "bp", "dfa", "dfa-gnn"]
+    # DFA skips the products delta W^T of the 64-wide layers; dfa-gnn pays (S^T)^k back
+    assert rows["dfa"]["mac_bound"] > rows["dfa-gnn"]["mac_bound"] > 1.0
+    assert rows["bp"]["mac_bound"] == 1.0
