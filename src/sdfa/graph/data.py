@@ -215,7 +215,7 @@ def _knn_digits(data_dir, k: int = 10, nodes: int | None = None):
 
 @GRAPHS.register("knn-fashion-mnist")
 def _knn_fashion(data_dir, k: int = 10, nodes: int = 3000):
-    """The first ``nodes`` Fashion-MNIST training images, joined to their k nearest neighbours."""
+    """The first N Fashion-MNIST training images (option nodes), joined to k nearest neighbours."""
     from ..data import dataset_dir, idx, missing_message
 
     directory = dataset_dir("fashion-mnist", data_dir)
@@ -256,7 +256,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 @GRAPHS.register("planetoid")
 def _planetoid(data_dir, name: str = "Cora"):
-    """The Planetoid files ``ind.NAME.*`` in ``data_dir`` (Cora, CiteSeer, PubMed, or yours).
+    """The Planetoid files ind.NAME.* in --data-dir (Cora, CiteSeer, PubMed, or yours).
 
     As Yang et al.'s loader does: the nodes are allx then tx, the test rows are put in the order
     of test.index; the public split is x's rows for training, the next 500 for validation and
