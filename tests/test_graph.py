@@ -255,6 +255,9 @@ def test_train_on_karate_from_the_config(tmp_path):
                                       "out": str(tmp_path / "a")}))
     assert summary["status"] == "complete" and "test_val_accuracy" in summary
     assert summary["step_macs"] > 0
+    from sdfa.app.cli import main
+
+    assert main(["eval", str(tmp_path / "a")]) == 0  # rebuilt from the run, whole-graph batch
     bp = train(config_from_dict({**common, "rule": "bp:eg=true", "out": str(tmp_path / "b")}))
     assert bp["rule"] == "bp"
     with pytest.raises(ValueError, match="needs the pseudo-error generator"):

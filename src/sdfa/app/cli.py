@@ -237,8 +237,14 @@ def _eval(args) -> int:
     try:
         model, config = load_run(args.run_dir, device=args.device)
         data = load_data(config)
-        split = data.test if args.split == "test" else data.train
-        loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
+        if hasattr(data, "loaders"):  # a graph: the evaluation batch is the whole graph
+            if args.split != "test":
+                raise ValueError("a graph run evaluates its test and validation nodes: leave out "
+                                 "--split train")
+            loader = data.loaders()[1]
+        else:
+            split = data.test if args.split == "test" else data.train
+            loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
         metrics = build_trainer(config, data, model).evaluate(loader)
     except ValueError as error:
         return _error("eval", error)

@@ -414,6 +414,8 @@ def _unavailable(values: dict, data_root, download: bool) -> str:
 
 def _data_dir(data_root, dataset: str) -> Path | None:
     """Where a data set is read from under ``data_root`` (None: the default place)."""
+    if is_graph(dataset):  # graphs are built from embedded or system data (docs/graphs.md)
+        return None
     return Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
 
 
