@@ -12,6 +12,17 @@ from . import rule  # noqa: F401  (registers dfa-gnn)
 from .ops import diffuse, error_signal, node_filter, node_loss, propagation, spread_errors
 from .task import NodeClassification
 
+
+def pyg_layers():
+    """:mod:`sdfa.graph.layers` (importing PyG and registering its layers), or a clear error."""
+    try:
+        from . import layers
+    except ImportError as error:
+        raise ValueError(f"graph networks need PyTorch Geometric ({error}): pip install "
+                         "'sdfa[graph]'") from None
+    return layers
+
+
 if "node-classification" not in TASKS:
     TASKS.register("node-classification", NodeClassification)
 
@@ -22,5 +33,6 @@ __all__ = [
     "node_filter",
     "node_loss",
     "propagation",
+    "pyg_layers",
     "spread_errors",
 ]

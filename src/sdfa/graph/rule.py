@@ -69,9 +69,9 @@ class DFAGNN(DFA):
 
     def __init__(self, **options):
         super().__init__(**options)
-        from . import layers  # registers PyG's layers as units before convert() looks for them
+        from . import pyg_layers  # registers PyG's layers as units before convert() looks
 
-        self._layers = layers
+        self._layers = pyg_layers()
 
     def apply(self, model, layers, seed):
         if self.config["boundaries"] is not None:
