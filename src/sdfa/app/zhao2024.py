@@ -11,8 +11,6 @@ import csv
 import statistics
 from pathlib import Path
 
-from .reproduce import Experiment, ExperimentSet
-
 PAPER = {  # Zhao et al. 2024, Table 2 (ablation): Cora / CiteSeer / PubMed, mean accuracy %
     "BP": (86.04, 78.20, 85.24), "DFA (no EG, no NF)": (83.02, 78.17, 82.92),
     "DFA + EG": (86.70, 79.26, 84.01), "DFA-GNN (EG + NF)": (87.72, 80.49, 86.28),
@@ -41,7 +39,10 @@ LAUNAY = {"model": "gcn", "model_options": {"layers": 2, "hidden": 16, "dropout"
           "task_options": {"loss": "ce"}, "tensorboard": False}
 
 
-def zhao2024() -> ExperimentSet:
+def zhao2024():
+    """The ExperimentSet (reproduce.py imports this module after defining its classes)."""
+    from .reproduce import Experiment, ExperimentSet
+
     exps = []
     for group, dataset, options, epochs, splits in GRAPHS:
         splits = tuple(splits)
