@@ -301,3 +301,17 @@ def test_bench_has_a_gcn_workload_with_its_graph_mac_bound():
     # DFA skips the products delta W^T of the 64-wide layers; dfa-gnn pays (S^T)^k back
     assert rows["dfa"]["mac_bound"] > rows["dfa-gnn"]["mac_bound"] > 1.0
     assert rows["bp"]["mac_bound"] == 1.0
+
+
+def test_zhao2024_tests_at_the_best_validation_epoch_with_a_t_interval(tmp_path):
+    from sdfa.app.reproduce import SETS
+    from sdfa.app.zhao2024 import best_epoch, confidence
+
+    rows = ["epoch,test_accuracy,test_val_accuracy,test_val_loss",
+            "1,0.5,1.0,0.9", "2,0.9,1.0,0.2", "3,0.7,0.8,0.1"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert best_epoch(tmp_path)["epoch"] == "2"  # the tie at 100 % goes to the lower loss
+    # n = 3: t(0.975, 2) = 4.303, sd = 1: half-width 4.303 / sqrt(3) = 2.48
+    assert confidence([1.0, 2.0, 3.0]) == "2.00 ± 2.48"
+    labels = {e.label for e in SETS["zhao2024"].experiments}
+    assert {"BP", "DFA + EG", "DFA-GNN (EG + NF)", "BP + EG", "Launay protocol: DFA"} <= labels
