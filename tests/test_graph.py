@@ -315,3 +315,23 @@ def test_zhao2024_tests_at_the_best_validation_epoch_with_a_t_interval(tmp_path)
     assert confidence([1.0, 2.0, 3.0]) == "2.00 ± 2.48"
     labels = {e.label for e in SETS["zhao2024"].experiments}
     assert {"BP", "DFA + EG", "DFA-GNN (EG + NF)", "BP + EG", "Launay protocol: DFA"} <= labels
+
+
+def test_dfa_gnn_on_sgconv_diffuses_k_hops_and_gat_learns_inside_its_block():
+    torch.manual_seed(0)
+    model = sdfa.convert(build_model("gcn", (4,), 3, layers=2, hidden=5, conv="sg", K=2).double(),
+                         "dfa-gnn")
+    data = _graph_input()
+    G = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (model(data) * G).sum().backward()
+    Sd = dense_S()
+    St, SK = Sd.T, Sd @ Sd
+    P1 = SK @ data.x @ model.convs[0].lin.weight.T + model.convs[0].lin.bias
+    B = sdfa.feedback_matrices(model)["convs.0"]
+    d1 = St @ St @ G @ B * (P1 > 0)  # the last layer propagates K = 2 times: (S^T)^2
+    torch.testing.assert_close(model.convs[0].lin.weight.grad, (d1.T @ SK @ data.x).detach())
+    gat = sdfa.convert(build_model("gcn", (4,), 3, layers=2, hidden=8, conv="gat", heads=2)
+                       .double(), "dfa-gnn")
+    gat(data).sum().backward()
+    first = gat.convs[0]
+    assert first.att_src.grad is not None and first.att_src.grad.abs().sum() > 0

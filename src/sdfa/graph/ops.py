@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -34,12 +36,18 @@ def propagation(edge_index: torch.Tensor, num_nodes: int, *, dtype=torch.float32
                              dtype=dtype)
     coo = torch.sparse_coo_tensor(index.flip(0), weight, (num_nodes, num_nodes),
                                   check_invariants=False)
-    return coo.coalesce().to_sparse_csr()
+    return _csr(coo)
+
+
+def _csr(coo: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR support "beta" on every conversion
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return coo.coalesce().to_sparse_csr()
 
 
 def transpose(S: torch.Tensor) -> torch.Tensor:
     """S^T, again in CSR (a CSR tensor's ``.t()`` multiplies 40x slower)."""
-    return S.to_sparse_coo().t().coalesce().to_sparse_csr()
+    return _csr(S.to_sparse_coo().t())
 
 
 def diffuse(signal: torch.Tensor, St: torch.Tensor, hops: int) -> torch.Tensor:
