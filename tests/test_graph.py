@@ -262,6 +262,8 @@ def test_train_on_karate_from_the_config(tmp_path):
     assert bp["rule"] == "bp"
     with pytest.raises(ValueError, match="needs the pseudo-error generator"):
         train(config_from_dict({**common, "rule": "bp:nf=true", "out": str(tmp_path / "c")}))
+    with pytest.raises(ValueError, match="takes no task option lr"):
+        train(config_from_dict({**common, "task_options": {"lr": 1}, "out": str(tmp_path / "e")}))
     with pytest.raises(ValueError, match="dataset_options apply to graph"):
         train(config_from_dict({"dataset": "digits", "dataset_options": {"k": 3},
                                 "out": str(tmp_path / "d")}))

@@ -44,7 +44,12 @@ def task_for(config: TrainConfig, data):
         # rule spec, e.g. dfa-gnn:nf=false or bp:eg=true
         options = {"eg": config.rule == "dfa-gnn", "nf": config.rule == "dfa-gnn"}
         options.update({k: v for k, v in config.rule_options.items() if k in ERROR_OPTIONS})
-        return build_task(data, **{**options, **config.task_options})
+        options.update(config.task_options)
+        unknown = sorted(set(options) - {"loss", *ERROR_OPTIONS})
+        if unknown:
+            raise ValueError(f"node classification takes no task option {', '.join(unknown)}; "
+                             f"its options: loss, {', '.join(ERROR_OPTIONS)}")
+        return build_task(data, **options)
     if config.task_options:
         raise ValueError(
             f"task_options apply to node classification; {config.dataset!r} takes none"

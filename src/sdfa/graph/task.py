@@ -39,7 +39,7 @@ class NodeClassification(Task):
     sum_keys = ("loss_sum", "correct", "count", "val_loss_sum", "val_correct", "val_count")
 
     def __init__(self, data, *, loss: str = "bce", eg: bool = False, nf: bool = False,
-                 alpha: float = 0.1, T: int = 50, epsilon: float = 0.5, **_ignored):
+                 alpha: float = 0.1, T: int = 50, epsilon: float = 0.5):
         super().__init__(data)
         if loss not in ops.LOSSES:
             raise ValueError(f"task option loss must be one of {', '.join(ops.LOSSES)}; got "
