@@ -87,6 +87,9 @@ class DFAGNN(DFA):
                 f"rule 'dfa-gnn' needs a chain of graph layers ({', '.join(self._layers.CONVS)} "
                 f"from PyTorch Geometric); {others} is not one: use rule 'dfa' for it"
             )
+        if self.config["output"] not in (None, graph[-1][0]):
+            raise ValueError(f"rule 'dfa-gnn' diffuses the feedback through every graph layer "
+                             f"after a block: its output is the last one, {graph[-1][0]!r}")
         propagation = _Propagation()
         hops = [self._layers.hops(m) for _, m in graph]
         for i, (_, module) in enumerate(graph[1:], start=1):
