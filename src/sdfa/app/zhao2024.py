@@ -39,55 +39,50 @@ LAUNAY = {"model": "gcn", "model_options": {"layers": 2, "hidden": 16, "dropout"
           "task_options": {"loss": "ce"}, "tensorboard": False}
 
 
-def zhao2024():
-    """The ExperimentSet (reproduce.py imports this module after defining its classes)."""
-    from .reproduce import Experiment, ExperimentSet
-
+def experiments() -> list[tuple[str, str, dict, tuple[int, ...]]]:
+    """(group, label, config, seeds) of every run of the set (reproduce.py makes them
+    Experiments: this module imports nothing of it)."""
     exps = []
     for group, dataset, options, epochs, splits in GRAPHS:
         splits = tuple(splits)
         data = {"dataset": dataset, "dataset_options": {**options, "split": "random"}}
         for label, rule in ABLATION:
-            config = {**BASE, **data, **rule, "epochs": epochs}
-            exps.append(Experiment(group, label, config, seeds=splits, quick={"epochs": 20}))
+            exps.append((group, label, {**BASE, **data, **rule, "epochs": epochs}, splits))
         per_class = 20 if dataset != "karate" else 2
         few = {"dataset": dataset,
                "dataset_options": {**options, "split": "per-class", "per_class": per_class}}
         for label, rule in (("Launay protocol: BP", "bp"), ("Launay protocol: DFA", "dfa")):
-            exps.append(Experiment(group, label, {**LAUNAY, **few, "rule": rule}, seeds=splits,
-                                   quick={"epochs": 20}))
+            exps.append((group, label, {**LAUNAY, **few, "rule": rule}, splits))
     for kind, fraction in (("drop_edges", 0.5), ("add_edges", 1.0)):
         what = "removed" if kind == "drop_edges" else "added"
         group = f"robustness, k-NN digits, {fraction:.0%} of the edges {what}"
         data = {"dataset": "knn-digits", "dataset_options": {"k": 10, kind: fraction}}
         for label, rule in (ABLATION[0], ABLATION[4]):
-            exps.append(Experiment(group, label, {**BASE, **data, **rule, "epochs": 150},
-                                   seeds=(0, 1), quick={"epochs": 20}))
-    return ExperimentSet(
-        "zhao2024",
-        "DFA for graph networks: DFA-GNN's ablation (Zhao et al. 2024) and Launay et al.'s GCN",
-        "accuracy",
-        exps,
-        source="Zhao et al. 2024, Table 2 (ablation, 10 random 60/20/20 splits): Cora / "
-        "CiteSeer / PubMed " + "; ".join(f"{k} {' / '.join(map(str, v))}" for k, v in
-                                          PAPER.items()) + ". Launay et al. 2020, GCN on Cora "
-        "(Planetoid split): BP 80.1, DFA 79.9. Cora, CiteSeer and PubMed are not obtainable "
-        "here: load them with --dataset planetoid when you have the files.",
-        notes=(
-            "the table above: test accuracy after the last epoch (mean ± sd); the table below: "
-            "at the best validation epoch, mean ± 95 % CI over the splits. Ablation: 3-layer "
-            "GCN, 64 hidden, Adam lr 0.01, L2 5e-4, BCE on sigmoid outputs, alpha 0.1, T 50, "
-            "epsilon 0.5 (Cora's), random 60/20/20 splits (seed = split); epochs and splits "
-            "scaled down from the paper's 1000 epochs and 10 splits (karate 100 epochs x 5 "
-            "splits, digits 150 x 3, Fashion-MNIST 100 x 2) to fit a shared, overloaded 2-core "
-            "CPU. Launay's protocol: 2 layers, 16 hidden, dropout 0.5, cross-entropy, 150 epochs "
-            "(Launay: 250), 20 "
-            "labels per class (karate: 2), 500 validation and 1000 test nodes (fewer on small "
-            "graphs). Robustness: random edges removed or added before training, 150 epochs, "
-            "2 splits."
-        ),
-        report=best_validation_section,
-    )
+            exps.append((group, label, {**BASE, **data, **rule, "epochs": 150}, (0, 1)))
+    return exps
+
+
+TITLE = "DFA for graph networks: DFA-GNN's ablation (Zhao et al. 2024) and Launay et al.'s GCN"
+SOURCE = (
+    "Zhao et al. 2024, Table 2 (ablation, 10 random 60/20/20 splits): Cora / "
+    "CiteSeer / PubMed " + "; ".join(f"{k} {' / '.join(map(str, v))}" for k, v in
+                                     PAPER.items()) + ". Launay et al. 2020, GCN on Cora "
+    "(Planetoid split): BP 80.1, DFA 79.9. Cora, CiteSeer and PubMed are not obtainable "
+    "here: load them with --dataset planetoid when you have the files."
+)
+NOTES = (
+    "the table above: test accuracy after the last epoch (mean ± sd); the table below: "
+    "at the best validation epoch, mean ± 95 % CI over the splits. Ablation: 3-layer "
+    "GCN, 64 hidden, Adam lr 0.01, L2 5e-4, BCE on sigmoid outputs, alpha 0.1, T 50, "
+    "epsilon 0.5 (Cora's), random 60/20/20 splits (seed = split); epochs and splits "
+    "scaled down from the paper's 1000 epochs and 10 splits (karate 100 epochs x 5 "
+    "splits, digits 150 x 3, Fashion-MNIST 100 x 2) to fit a shared, overloaded 2-core "
+    "CPU. Launay's protocol: 2 layers, 16 hidden, dropout 0.5, cross-entropy, 150 epochs "
+    "(Launay: 250), 20 "
+    "labels per class (karate: 2), 500 validation and 1000 test nodes (fewer on small "
+    "graphs). Robustness: random edges removed or added before training, 150 epochs, "
+    "2 splits."
+)
 
 
 def best_epoch(run_dir: Path) -> dict:

@@ -10,18 +10,8 @@ graph layer is one unit (see docs/graphs.md).
 from ..tasks import TASKS
 from . import rule  # noqa: F401  (registers dfa-gnn)
 from .ops import diffuse, error_signal, node_filter, node_loss, propagation, spread_errors
+from .pyg import pyg_layers
 from .task import NodeClassification
-
-
-def pyg_layers():
-    """:mod:`sdfa.graph.layers` (importing PyG and registering its layers), or a clear error."""
-    try:
-        from . import layers
-    except ImportError as error:
-        raise ValueError(f"graph networks need PyTorch Geometric ({error}): pip install "
-                         "'sdfa[graph]'") from None
-    return layers
-
 
 if "node-classification" not in TASKS:
     TASKS.register("node-classification", NodeClassification)

@@ -69,7 +69,7 @@ class DFAGNN(DFA):
 
     def __init__(self, **options):
         super().__init__(**options)
-        from . import pyg_layers  # registers PyG's layers as units before convert() looks
+        from .pyg import pyg_layers  # registers PyG's layers as units before convert() looks
 
         self._layers = pyg_layers()
 

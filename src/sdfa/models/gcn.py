@@ -35,7 +35,7 @@ def gcn(input_shape, num_classes, layers: int = 3, hidden: int = 64, conv: str =
         dropout: float = 0.0, K: int = 2, heads: int = 8):
     """``conv``: gcn, sg (SGConv, K hops), gat (GATConv, ``heads`` heads of hidden / heads
     features) or cheb (ChebConv, order K)."""
-    from ..graph import pyg_layers
+    from ..graph.pyg import pyg_layers
 
     CONVS = pyg_layers().CONVS  # imports PyG; registers its layers as units
 
