@@ -7,6 +7,7 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
+from . import graph  # noqa: F401  (registers dfa-gnn and node classification; PyG loads lazily)
 from ._version import __version__
 from .alignment import capture_rng, measure_alignment
 from .app.run import load_run

@@ -139,6 +139,10 @@ def _datasets(args) -> int:
         else:
             where = f"{dataset_dir(name)} ({'present' if is_present(name) else 'missing'})"
         print(f"{name:14s} {spec.description}\n{'':14s} {where}")
+    from ..graph.data import GRAPHS
+
+    for name, loader in GRAPHS.items():  # node classification (docs/graphs.md)
+        print(f"{name:14s} graph: {loader.__doc__.splitlines()[0]}")
     return 0
 
 
@@ -233,8 +237,14 @@ def _eval(args) -> int:
     try:
         model, config = load_run(args.run_dir, device=args.device)
         data = load_data(config)
-        split = data.test if args.split == "test" else data.train
-        loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
+        if hasattr(data, "loaders"):  # a graph: the evaluation batch is the whole graph
+            if args.split != "test":
+                raise ValueError("a graph run evaluates its test and validation nodes: leave out "
+                                 "--split train")
+            loader = data.loaders()[1]
+        else:
+            split = data.test if args.split == "test" else data.train
+            loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
         metrics = build_trainer(config, data, model).evaluate(loader)
     except ValueError as error:
         return _error("eval", error)
@@ -259,7 +269,8 @@ def _add_train(commands) -> None:
     )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", metavar="NAME",
-                      help=f"one of {', '.join(available_datasets())} (default digits)")
+                      help=f"one of {', '.join(available_datasets())} (default digits), or a "
+                      "graph: karate, knn-digits, knn-fashion-mnist, planetoid (docs/graphs.md)")
     data.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                       help="folder holding the data set's files (default: the cache folder, "
                       "then system folders such as /usr/share/datasets/fashion-mnist)")
@@ -397,7 +408,7 @@ def _add_plot_and_reproduce(commands) -> None:
         "absent are listed with the files to download and where to put them.",
     )
     r.add_argument("name", nargs="?",
-                   help="crafton2019, moskovitz2018, biotorch-benchmark or lee2020")
+                   help="crafton2019, moskovitz2018, biotorch-benchmark, lee2020 or zhao2024")
     r.add_argument("--list", action="store_true", help="list the experiment sets")
     r.add_argument("--quick", action="store_true",
                    help="a reduced version (few epochs, data subsets) that runs in minutes")

@@ -57,6 +57,8 @@ class TrainConfig:
     augment: bool | None = None  # None: the data set's usual augmentation (CIFAR: crop + flip)
     train_samples: int | None = None  # use only the first N training samples
     test_samples: int | None = None
+    dataset_options: dict = field(default_factory=dict)  # graph data sets: k, split, name, ...
+    task_options: dict = field(default_factory=dict)  # e.g. node classification's loss, eg, nf
     # model and learning rule
     model: str = "mlp"
     model_options: dict = field(default_factory=dict)
@@ -115,6 +117,8 @@ KEY_HELP = {
     "augment": "random crop + flip of training images (default: the data set's usual)",
     "train_samples": "use only the first N training samples",
     "test_samples": "use only the first N test samples",
+    "dataset_options": "graph data sets: e.g. dataset_options.k=10, .split=random, .name=Cora",
+    "task_options": "options of the task, e.g. task_options.loss=ce, task_options.eg=true",
     "model": "model preset (sdfa models)",
     "model_options": "preset options, e.g. model_options.hidden=[200,200] (sdfa models NAME)",
     "rule": "learning rule or rule spec, e.g. dfa, dfa:k=1, usf:scale=1.0 (sdfa rules)",

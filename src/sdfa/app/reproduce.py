@@ -25,6 +25,7 @@ import torch
 
 from .._version import __version__
 from ..data import DATASETS, DataError, is_present, missing_message
+from ..graph.data import is_graph
 from ..models import MODELS
 from ..rules import RULES
 from ..specs import toml_value
@@ -56,6 +57,7 @@ class ExperimentSet:
     notes: str = ""
     quick: dict = field(default_factory=dict)  # --quick reductions (epochs, data subsets)
     sweep: str | None = None  # a config key: also tabulate and plot the metric against it
+    report: object = None  # (outcomes, out) -> more lines of results.md (e.g. zhao2024's table)
 
 
 @dataclass
@@ -282,7 +284,10 @@ def _lee2020() -> ExperimentSet:
     )
 
 
-SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark(), _lee2020())}
+from .zhao2024 import zhao2024 as _zhao2024  # noqa: E402  (it builds on the classes above)
+
+SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark(), _lee2020(),
+                            _zhao2024())}
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -385,7 +390,8 @@ def _lookup(experiment_set) -> ExperimentSet:
 
 def _unavailable(values: dict, data_root, download: bool) -> str:
     """Why an experiment cannot run here, one reason a line ('' when it can)."""
-    dataset, model, rule = values["dataset"], values["model"], values.get("rule", "dfa")
+    dataset, model = values["dataset"], values["model"]
+    rule = values.get("rule", "dfa").partition(":")[0]  # a rule spec: dfa-gnn:nf=false
     problems = []
     if model not in MODELS:
         problems.append(f"model {model!r} is not in this installation "
@@ -395,7 +401,9 @@ def _unavailable(values: dict, data_root, download: bool) -> str:
                         f"(rules: {', '.join(sorted(RULES))})")
     if values.get("privacy") and importlib.util.find_spec("opacus") is None:
         problems.append("private training needs Opacus: pip install 'sdfa[privacy]'")
-    if dataset not in DATASETS:
+    if is_graph(dataset):
+        pass  # loading says what is missing (Fashion-MNIST for its k-NN graph)
+    elif dataset not in DATASETS:
         problems.append(f"unknown data set {dataset!r}")
     else:
         directory = _data_dir(data_root, dataset)
@@ -406,6 +414,8 @@ def _unavailable(values: dict, data_root, download: bool) -> str:
 
 def _data_dir(data_root, dataset: str) -> Path | None:
     """Where a data set is read from under ``data_root`` (None: the default place)."""
+    if is_graph(dataset):  # graphs are built from embedded or system data (docs/graphs.md)
+        return None
     return Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
 
 
@@ -464,6 +474,8 @@ def render(
     lines += ["", f"Published numbers: {chosen.source}", "", f"Protocol: {chosen.notes}"]
     if chosen.sweep:
         lines += _sweep_section(chosen, outcomes, out)
+    if chosen.report is not None:
+        lines += chosen.report(outcomes, out)
     reasons: dict[str, list[str]] = {}
     for o in outcomes:
         if o.skipped or (o.diverged and not o.summaries):
