@@ -257,3 +257,14 @@ def test_the_hardware_set_builds_valid_configs_and_finds_the_lost_point():
         "- noise: loses one point against DFA (97.80%) at 0.3",
         "- bits: loses one point against DFA (97.80%) at 1",
     ]
+
+
+@pytest.mark.parametrize("backend", ["optical", "crossbar"])
+def test_per_position_feedback_on_a_device(backend):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = sdfa.convert(net, "dfa", per_position=True, feedback=backend)
+    x = torch.randn(2, 7, 5, dtype=D)  # (batch, positions, features)
+    F.cross_entropy(model(x).flatten(0, 1), torch.randint(0, 3, (14,))).backward()
+    assert sdfa.feedback_matrices(model)["0"].shape == (3, 8)
+    assert model[0].weight.grad.abs().sum() > 0
