@@ -580,6 +580,8 @@ def _direct_cost(feedback: DirectFeedback) -> tuple[int, int, int, int, str]:
                 f"e U V (r={r})")
     if isinstance(feedback, DenseFeedback):
         return classes * neurons, 0, classes * neurons, classes * neurons, "e B"
+    if hasattr(feedback, "direct_cost"):  # a device backend (sdfa.hardware) prices itself
+        return feedback.direct_cost()
     raise ValueError(f"no cost model for feedback matrices of type {type(feedback).__name__}")
 
 

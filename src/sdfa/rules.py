@@ -98,6 +98,8 @@ class DFA(Rule):
         "per_position": False,
         "dilation": None,
         "groups": None,
+        "feedback": "exact",
+        "feedback_options": None,
     }
 
     def apply(self, model, layers, seed):

@@ -102,6 +102,8 @@ def rule_options(config: TrainConfig) -> dict:
     task_keys = ERROR_OPTIONS if is_graph(config.dataset) else ()  # the task's (task_for)
     options = {k: v for k, v in config.rule_options.items() if k not in task_keys}
     options.update({k: v for k, v in (("k", config.k), ("rank", config.rank)) if v is not None})
+    if config.feedback != "exact" or config.feedback_options:
+        options.update(feedback=config.feedback, feedback_options=dict(config.feedback_options))
     return options
 
 

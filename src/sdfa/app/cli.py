@@ -445,6 +445,13 @@ def _costs(args) -> int:
                 raise ValueError(f"sdfa costs --set takes model_options.KEY=VALUE; got {key!r}")
             options[sub] = value
         rules = _with_shorthands(args.rule or list(PAPER_RULES), args.k, args.rank)
+        if args.energy:
+            from ..hardware.energy import energy_report
+
+            if args.model is not None:
+                raise ValueError("--energy prices the networks of Crafton et al.; drop --model")
+            print(energy_report(markdown=args.markdown))
+            return 0
         text = report(
             args.model, rules, dataset=args.dataset, input_shape=args.input_shape,
             num_classes=args.num_classes, model_options=options, seed=args.seed,
@@ -501,6 +508,9 @@ def _add_costs(commands) -> None:
     _add_rule_shorthands(costs)
     costs.add_argument("--seed", type=int, default=0, help="seed of the feedback matrices")
     costs.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    costs.add_argument("--energy", action="store_true",
+                       help="energy per sample of BP and DFA, digital, on an OPU and on an RRAM "
+                       "crossbar (docs/costs.md, docs/hardware.md)")
     costs.set_defaults(run=_costs)
 
 

@@ -66,6 +66,8 @@ class TrainConfig:
     k: int | None = None
     rank: int | None = None
     rule_options: dict = field(default_factory=dict)
+    feedback: str = "exact"  # dfa: exact, optical or crossbar (sdfa.hardware, docs/hardware.md)
+    feedback_options: dict = field(default_factory=dict)  # the device's options
     zero_init: bool | None = None
     # optimization
     optimizer: str = "adam"
@@ -125,6 +127,8 @@ KEY_HELP = {
     "k": "sparse DFA: feedback connections per neuron",
     "rank": "low-rank DFA: rank of the feedback matrices",
     "rule_options": "other options of the rule, e.g. rule_options.init=\"sign\"",
+    "feedback": "dfa: how e @ B is computed: exact, optical (OPU) or crossbar (RRAM)",
+    "feedback_options": "device options, e.g. feedback_options.noise=0.05 (docs/hardware.md)",
     "zero_init": "start DFA layers from zero weights (default: when activations are tanh/sigmoid)",
     "optimizer": "adam, adamw, sgd or rmsprop",
     "lr": "learning rate",
@@ -281,6 +285,12 @@ def validate(config: TrainConfig) -> None:
         )
     if config.device not in ("auto", "cpu") and not config.device.startswith(("cuda", "mps")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {config.device!r}")
+    if config.privacy is not None and (config.feedback != "exact" or config.feedback_options):
+        raise ValueError(
+            f"privacy with feedback={config.feedback!r} is not supported: the privacy mechanisms "
+            "add calibrated noise to the summed update, and the device's own noise on e @ B is "
+            "not accounted yet (docs/hardware.md, 'Noise as privacy'). Use feedback=\"exact\""
+        )
     if config.privacy is not None:
         from ..privacy.training import check_config  # imports Opacus: only for private runs
 
