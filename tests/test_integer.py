@@ -297,3 +297,19 @@ def test_federation_on_processes_equals_the_protocol(tmp_path, mode):
     assert result["allreduce_bytes_per_round"] == 2 * 4 * params
     accuracy = float((expected.predict(tx) == ty).double().mean())
     assert result["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_cli_trains_and_exports_a_header(tmp_path, capsys):
+    from sdfa.app.cli import main
+
+    out, header = tmp_path / "run", tmp_path / "net.h"
+    code = main(["tifed", "--workers", "2", "--hidden", "16", "--lr-inv", "512",
+                 "--train-samples", "200", "--out", str(out), "--header", str(header)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "integer full (2 workers, 1/eta=512, seed 0) on digits" in printed
+    result = __import__("json").loads((out / "result.json").read_text())
+    assert result["train_samples"] == 200 and result["rounds"] == 10
+    assert "static const int32_t net_1_weight[16][10]" in header.read_text()
+    assert main(["tifed", "--lr-inv", "-1"]) == 2
+    assert "positive integer" in capsys.readouterr().err
