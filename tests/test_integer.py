@@ -81,7 +81,8 @@ def test_to_int8_and_quantize():
     images = torch.tensor([[0, 128, 255]], dtype=torch.uint8)
     assert to_int8(images).tolist() == [[-128, 0, 127]]  # the notebook's x - 128
     assert to_int8(torch.tensor([[0, 8, 16]]), 16).tolist() == [[-128, -1, 127]]
-    assert quantize(torch.tensor([[0.5, -3.0, 99.0]]), 10.0).tolist() == [[5, -30, 127]]
+    features = torch.tensor([[-1.0, 0.0, 1.0, 3.0, 9.0]])
+    assert quantize(features, -1.0, 3.0).tolist() == [[-128, -64, 0, 127, 127]]  # -128 + 255 q
     with pytest.raises(ValueError, match="0 .. 16"):
         to_int8(torch.tensor([[17]]), 16)
 
@@ -222,6 +223,24 @@ def test_float_twin_and_c_header_and_determinism():
     loaded = IntegerDFA([64, 32, 10], seed=5)
     loaded.load_state_dict(net.state_dict())
     assert torch.equal(loaded(x), net(x))
+
+
+def test_a_frozen_feature_extractor_feeds_an_integer_head():
+    from sdfa.data import load_dataset
+
+    torch.manual_seed(0)
+    data = load_dataset("digits")
+    extractor = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten()).eval()  # frozen
+    with torch.no_grad():
+        train = extractor(data.train.images.float() / 16)
+        test = extractor(data.test.images.float() / 16)
+    low, high = float(train.min()), float(train.max())
+    x, tx = quantize(train, low, high), quantize(test, low, high)
+    head = IntegerDFA([x.shape[1], 10], seed=0)  # a one-layer integer head
+    for _ in range(2):
+        for i in range(0, len(x), 25):
+            head.step(x[i:i + 25], data.train.labels[i:i + 25], 2048)
+    assert float((head.predict(tx) == data.test.labels).double().mean()) > 0.6
 
 
 def test_bad_input_gets_a_clear_error():

@@ -61,12 +61,16 @@ def to_int8(images: torch.Tensor, value_range: int = 255) -> torch.Tensor:
     return (x * 255 // value_range - 128).to(torch.int8)
 
 
-def quantize(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """Frozen float features (e.g. a transferred CNN's) as int8 inputs of an integer head:
-    round(features * scale) clamped to [-128, 127]. Runs once, before integer training."""
+def quantize(features: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Frozen float features (e.g. a transferred CNN's) as int8 inputs of an integer head: the
+    range [low, high] (take the training features' min and max, and the same for the test
+    features) mapped linearly onto -128 .. 127, rounded and clamped. Runs once, before training.
+    """
     if not features.dtype.is_floating_point:
         raise ValueError(f"quantize takes float features; got {features.dtype}")
-    q = torch.round(features.reshape(len(features), -1) * scale)
+    if not high > low:
+        raise ValueError(f"quantize needs low < high; got {low}, {high}")
+    q = torch.round((features.reshape(len(features), -1) - low) * (255 / (high - low))) - 128
     return q.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
