@@ -332,3 +332,20 @@ def test_cli_trains_and_exports_a_header(tmp_path, capsys):
     assert "static const int32_t net_1_weight[16][10]" in header.read_text()
     assert main(["tifed", "--lr-inv", "-1"]) == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_reproduce_tifed_tabulates_medians_and_reuses_runs(tmp_path, monkeypatch):
+    from sdfa.app import tifed
+
+    group = tifed.Group("digits", "digits subset", train_samples=200, seeds=1, lr_invs=(512,),
+                        baselines=False)
+    monkeypatch.setattr(tifed, "groups", lambda quick: [group])
+    path = tifed.reproduce_tifed(out=tmp_path, progress=False, workers=2)
+    table = path.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| digits subset")]
+    assert [row.split(" | ")[1:3] for row in rows] == [
+        ["integer DFA, full", "1/eta = 512"], ["integer DFA, single", "1/eta = 512"]]
+    done = sorted(p.parent.name for p in tmp_path.rglob("result.json"))
+    assert done == ["seed0", "seed0"]
+    monkeypatch.setattr(tifed, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
+    assert tifed.reproduce_tifed(out=tmp_path, progress=False, workers=2).read_text() == table

@@ -51,7 +51,7 @@ class FedConfig:
     seed: int = 0  # draws the feedback matrices (and the float rules' initial weights)
     data_seed: int = 0  # shuffles the training set before sharding
 
-    def check(self, classes: int | None = None) -> None:
+    def check(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}; got {self.rule!r}")
         if self.mode not in MODES:
@@ -168,34 +168,29 @@ def average_round(client, config: FedConfig, comm, rank: int) -> int:
     this worker would upload and download through a server (its layers up, all layers down)."""
     layers = len(config.hidden) + 1
     mine = trained_layers(config, rank)
-    parts = [t for k in range(layers) for t in client.tensors(k)]
+    tensors = [client.tensors(k) for k in range(layers)]
     integer = config.rule == "integer"
     if integer:
         bound = INT32_MAX // config.workers
         for k in mine:
-            for t in client.tensors(k):
-                if t.numel() and int(t.abs().max()) > bound:
-                    raise IntegerOverflow(
-                        f"layer {k}: a weight beyond +-{bound} would overflow the int32 sum of "
-                        f"{config.workers} workers: use a larger lr_inv")
-    flat = torch.cat([t.flatten() if l_of(i) in mine else torch.zeros_like(t).flatten()
-                      for i, t in enumerate(parts)])
+            if max(int(t.abs().max()) for t in tensors[k]) > bound:
+                raise IntegerOverflow(
+                    f"layer {k}: a weight beyond +-{bound} would overflow the int32 sum of "
+                    f"{config.workers} workers: use a larger lr_inv")
+    flat = torch.cat([(t if k in mine else torch.zeros_like(t)).flatten()
+                      for k in range(layers) for t in tensors[k]])
     comm.all_reduce(flat, "weights")
-    counts = [config.workers if config.mode == "full" else config.workers // layers] * layers
+    count = config.workers if config.mode == "full" else config.workers // layers
     offset = 0
     for k in range(layers):
         values = []
-        for t in client.tensors(k):
+        for t in tensors[k]:
             total = flat[offset:offset + t.numel()].view_as(t)
             offset += t.numel()
-            values.append(average(total, counts[k]) if integer else total / counts[k])
+            values.append(average(total, count) if integer else total / count)
         client.set(k, values)
-    up = sum(t.numel() * t.element_size() for k in mine for t in client.tensors(k))
-    return up + sum(t.numel() * t.element_size() for t in parts)
-
-
-def l_of(index: int) -> int:
-    return index // 2  # tensors come as (weight, bias) per layer
+    size = [sum(t.numel() * t.element_size() for t in ts) for ts in tensors]
+    return sum(size[k] for k in mine) + sum(size)
 
 
 # -- the worker and the launcher ----------------------------------------------------------------
@@ -250,7 +245,7 @@ def federate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     from ..distributed import spawn
 
     classes = int(max(int(train_y.max()), int(test_y.max())) + 1)
-    config.check(classes)
+    config.check()
     if train_x.dtype != torch.int8 or test_x.dtype != torch.int8:
         raise ValueError("federate takes int8 inputs: convert them with sdfa.integer.to_int8")
     if len(train_y) // config.workers < config.buffer:
