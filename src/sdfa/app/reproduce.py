@@ -401,6 +401,11 @@ def reproduce(
         overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
             {"download": True} fetches missing data sets).
     """
+    if experiment_set == "tifed":  # integer federated training: its own runner (no Trainer)
+        from .tifed import reproduce_tifed
+
+        return reproduce_tifed(out=out, quick=quick, data_root=data_root, seeds=seeds,
+                               progress=progress)
     chosen = _lookup(experiment_set)
     out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
     outcomes = []
@@ -473,7 +478,8 @@ def _lookup(experiment_set) -> ExperimentSet:
     if isinstance(experiment_set, ExperimentSet):
         return experiment_set
     if experiment_set not in SETS:
-        raise ValueError(f"unknown experiment set {experiment_set!r}; available: {', '.join(SETS)}")
+        names = ", ".join([*SETS, "tifed"])
+        raise ValueError(f"unknown experiment set {experiment_set!r}; available: {names}")
     return SETS[experiment_set]
 
 
@@ -640,5 +646,7 @@ def _one_point_lost(series, harsher, references, reference: str) -> list[str]:
 
 def describe_sets() -> str:
     """One line per set, for ``sdfa reproduce --list``."""
-    return "\n".join(f"{s.name:20s} {s.title}" for s in SETS.values())
+    lines = [f"{s.name:20s} {s.title}" for s in SETS.values()]
+    return "\n".join(lines + [f"{'tifed':20s} TIFeD: integer-only federated DFA (Colombo et al. "
+                               "2023), full-network and single-layer"])
 
