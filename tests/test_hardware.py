@@ -268,3 +268,13 @@ def test_per_position_feedback_on_a_device(backend):
     F.cross_entropy(model(x).flatten(0, 1), torch.randint(0, 3, (14,))).backward()
     assert sdfa.feedback_matrices(model)["0"].shape == (3, 8)
     assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_costs_energy_on_the_command_line(capsys):
+    from sdfa.app.cli import main
+
+    assert main(["costs", "--energy", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| MNIST FC 784-400-10 | 2.980 | 2.980 |" in out and "ASSUMED" in out
+    assert main(["costs", "--energy", "--model", "mlp"]) == 2
+    assert "--energy prices the networks of Crafton et al." in capsys.readouterr().err
