@@ -102,7 +102,8 @@ FLOAT_LR = {"dfa": 0.3, "bp": 0.1}
 
 def groups(quick: bool) -> list[Group]:
     if quick:
-        return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=2),
+        return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=2,
+                      lr_invs=(1024, *LR_INVS)),
                 Group("fashion-mnist", "Fashion-MNIST, 8,000 / 2,000 subset, FC 784-200-10",
                       8000, 2000, seeds=1, lr_invs=(4096,))]
     return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=3,
