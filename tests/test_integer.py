@@ -332,6 +332,8 @@ def test_cli_trains_and_exports_a_header(tmp_path, capsys):
     assert "static const int32_t net_1_weight[16][10]" in header.read_text()
     assert main(["tifed", "--lr-inv", "-1"]) == 2
     assert "positive integer" in capsys.readouterr().err
+    assert main(["tifed", "--rule", "dfa", "--header", str(header), "--out", str(out)]) == 2
+    assert "--header exports the integer network" in capsys.readouterr().err
 
 
 def test_reproduce_tifed_tabulates_medians_and_reuses_runs(tmp_path, monkeypatch):

@@ -39,6 +39,8 @@ def run(config: FedConfig, dataset: str = "digits", *, data_dir=None, train_samp
     """One federated run; with ``out`` its result.json and result.pt land there, with
     ``header`` (integer rule) the trained network as a C header."""
     config.check()
+    if header is not None and (config.rule != "integer" or out is None):
+        raise ValueError("--header exports the integer network: use --rule integer and --out")
     start = time.perf_counter()
     data = int8_data(dataset, data_dir, train_samples, test_samples)
     result = federate(*data, config, out=out)
@@ -47,9 +49,6 @@ def run(config: FedConfig, dataset: str = "digits", *, data_dir=None, train_samp
     if out is not None:
         (Path(out) / "result.json").write_text(json.dumps(result, indent=1))
     if header is not None:
-        if config.rule != "integer" or out is None:
-            raise ValueError("--header exports the integer network: use --rule integer "
-                             "and --out")
         from ..integer import IntegerDFA
 
         net = IntegerDFA([data[0].shape[1], *config.hidden, int(data[1].max()) + 1],
