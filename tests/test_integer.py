@@ -332,6 +332,8 @@ def test_cli_trains_and_exports_a_header(tmp_path, capsys):
     assert "static const int32_t net_1_weight[16][10]" in header.read_text()
     assert main(["tifed", "--lr-inv", "-1"]) == 2
     assert "positive integer" in capsys.readouterr().err
+    assert main(["tifed", "--rule", "dfa", "--header", str(header), "--out", str(out)]) == 2
+    assert "--header exports the integer network" in capsys.readouterr().err
 
 
 def test_reproduce_tifed_tabulates_medians_and_reuses_runs(tmp_path, monkeypatch):
@@ -350,3 +352,28 @@ def test_reproduce_tifed_tabulates_medians_and_reuses_runs(tmp_path, monkeypatch
     assert done == ["seed0", "seed0"]
     monkeypatch.setattr(tifed, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
     assert tifed.reproduce_tifed(out=tmp_path, progress=False, workers=2).read_text() == table
+
+
+class EchoComm:
+    """A stand-in for Comm: every one of ``workers`` workers holds the same tensors."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def all_reduce(self, tensor, label):
+        tensor.mul_(self.workers)
+        return tensor
+
+
+def test_averaging_round_refuses_a_sum_that_would_overflow_int32():
+    from sdfa.integer.federated import IntegerClient, average_round
+
+    config = FedConfig(workers=8, hidden=(4,))
+    client = IntegerClient([3, 4, 2], config)
+    client.net.weights[0][0, 0] = -7
+    up_down = average_round(client, config, EchoComm(8), rank=0)
+    assert client.net.weights[0][0, 0] == -7  # 8 equal models average to themselves
+    assert up_down == 2 * 4 * (3 * 4 + 4 + 4 * 2 + 2)
+    client.net.weights[1][3, 1] = (2**31 - 1) // 8 + 1
+    with pytest.raises(IntegerOverflow, match="layer 1.*8 workers"):
+        average_round(client, config, EchoComm(8), rank=0)

@@ -39,6 +39,8 @@ def run(config: FedConfig, dataset: str = "digits", *, data_dir=None, train_samp
     """One federated run; with ``out`` its result.json and result.pt land there, with
     ``header`` (integer rule) the trained network as a C header."""
     config.check()
+    if header is not None and (config.rule != "integer" or out is None):
+        raise ValueError("--header exports the integer network: use --rule integer and --out")
     start = time.perf_counter()
     data = int8_data(dataset, data_dir, train_samples, test_samples)
     result = federate(*data, config, out=out)
@@ -47,9 +49,6 @@ def run(config: FedConfig, dataset: str = "digits", *, data_dir=None, train_samp
     if out is not None:
         (Path(out) / "result.json").write_text(json.dumps(result, indent=1))
     if header is not None:
-        if config.rule != "integer" or out is None:
-            raise ValueError("--header exports the integer network: use --rule integer "
-                             "and --out")
         from ..integer import IntegerDFA
 
         net = IntegerDFA([data[0].shape[1], *config.hidden, int(data[1].max()) + 1],
@@ -102,7 +101,8 @@ FLOAT_LR = {"dfa": 0.3, "bp": 0.1}
 
 def groups(quick: bool) -> list[Group]:
     if quick:
-        return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=2),
+        return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=2,
+                      lr_invs=(1024, *LR_INVS)),
                 Group("fashion-mnist", "Fashion-MNIST, 8,000 / 2,000 subset, FC 784-200-10",
                       8000, 2000, seeds=1, lr_invs=(4096,))]
     return [Group("digits", "digits (1,437 / 360), FC 64-200-10", seeds=3,

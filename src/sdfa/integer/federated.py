@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .network import IntegerDFA, check_lr_inv
@@ -220,7 +219,7 @@ def _worker(data_path: str, config_dict: dict, result_path: str) -> None:
     seconds = time.perf_counter() - start
     written = (bytes_written() or 0) - written
     totals = torch.tensor([server_bytes, comm.received["weights"], written], dtype=torch.int64)
-    dist.all_reduce(totals)
+    comm.all_reduce(totals, "counters")
     if rank == 0:
         accuracy = client.accuracy(data["test_x"], data["test_y"])
         result = {
