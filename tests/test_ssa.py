@@ -248,3 +248,28 @@ def test_training_run_applies_the_rank_schedule(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0]["1"] < 64 and history[0] == {**history[1], "epoch": 1}
     assert summary["test_accuracy"] > 0.3
+
+
+def test_roy2025_tables_report_parameters_memory_and_ranks(tmp_path):
+    from sdfa.app.reproduce import SETS, Experiment, ExperimentSet, reproduce
+    from sdfa.app.roy2025 import section
+
+    tiny = {"dataset": "digits", "model": "mlp", "epochs": 2, "train_samples": 128,
+            "threads": 1, "tensorboard": False}
+    schedule = {"energy": 0.9, "schedule": 1}
+    chosen = ExperimentSet("tiny-roy", "tiny", "accuracy", [
+        Experiment("digits", "DFA", {**tiny, "rule": "dfa"}),
+        Experiment("digits", "SSA", {**tiny, "rule": "ssa", "rule_options": schedule}),
+        Experiment("digits", "ablation: SSA without sparsity",
+                   {**tiny, "rule": "ssa", "rule_options": {**schedule, "epsilon": 0.0}}),
+    ], source="test", extra=section)
+    text = reproduce(chosen, out=tmp_path, progress=False).read_text()
+    assert "## Ablation: SSA with one loss term dropped" in text
+    assert "## Ranks over training: digits, SSA (seed 0)" in text
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| digits |") and line.count("|") == 9}
+    dfa, ssa_row = rows["DFA"], rows["SSA"]
+    assert int(dfa[3].replace(",", "")) == 64 * 100 + 100 * 100 + 100 * 10 + 210  # with biases
+    assert int(ssa_row[4].replace(",", "")) > 0 and int(ssa_row[6].replace(",", "")) > 0
+    assert dfa[5] == "0" and int(ssa_row[5].replace(",", "")) > 0  # orthogonality per step
+    assert "roy2025" in SETS

@@ -193,7 +193,7 @@ class SSA(Rule):
         "beta": 0.1,  # subspace alignment
         "gamma": 0.01,  # orthogonality of U
         "delta": 0.01,  # orthogonality of V
-        "epsilon": 1e-3,  # Hoyer sparsity of S
+        "epsilon": 0.3,  # Hoyer sparsity of S
         "scale": None,  # singular value of the feedback matrices (default sqrt(C / 3q))
         "output": None,
         "boundaries": None,
@@ -359,7 +359,9 @@ class RankSchedule(Callback):
             if getattr(trainer, "sample_macs", None) is not None:  # fewer MACs from now on
                 from .costs import costs
 
-                trainer.sample_macs = costs(trainer.model, None, trainer.task.input_shape).macs
+                report = costs(trainer.model, None, trainer.task.input_shape)
+                trainer.sample_macs = report.macs
+                trainer.feedback_macs = report.total.feedback_macs_per_step
         current = ranks(trainer.model)
         row.update({f"ssa_rank/{n}": r for n, r in current.items()})
         row["ssa_parameters"] = sum(p.numel() for p in trainer.model.parameters()
