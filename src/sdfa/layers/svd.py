@@ -97,6 +97,11 @@ class SVDLinear(SVDLayer):
         y = F.linear((x @ self.V) * self.S, self.U, self.bias)
         return self._finish(y)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (out, in) weight U diag(S) V^T (computed; train U, S, V)."""
+        return self.matrix()
+
     def to_dense(self) -> nn.Linear:
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.S.device, dtype=self.S.dtype)
@@ -162,6 +167,11 @@ class SVDConv2d(SVDLayer):
         first, second = self._kernels(self.U.detach() * root * torch.sign(self.S.detach()),
                                       self.V.detach() * root)
         return second, first
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense (N, C, kh, kw) kernel (computed; train U, S, V)."""
+        return self.dense_kernel()
 
     def dense_kernel(self) -> torch.Tensor:
         """The (N, C, kh, kw) kernel U diag(S) V^T, reshaped back."""
