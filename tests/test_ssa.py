@@ -108,6 +108,8 @@ def test_energy_threshold_keeps_the_stated_fraction():
         assert layer.S.detach().square().sum() / total >= 0.9 - 1e-6
         assert energies[: kept[name] - 1].sum() / total < 0.9  # one fewer would not hold it
         assert layer.U.shape[1] == layer.V.shape[1] == kept[name]
+    floored = ssa.truncate(model, energy=0.01, min_rank=3)
+    assert floored == {n: min(3, r) for n, r in kept.items()}
 
 
 def test_conversion_with_energy_and_rank_options():
@@ -223,6 +225,7 @@ def test_bad_options_get_clear_errors():
     net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     for options, text in ((dict(rank=0), "rank"), (dict(rank=1.5), "rank"),
                           (dict(energy=0.0), "energy"), (dict(beta=-1), "beta"),
+                          (dict(min_rank=0), "min_rank"),
                           (dict(schedule=[2]), "energy="), (dict(schedule="x", energy=0.9),
                                                             "schedule")):
         with pytest.raises(ValueError, match=text):

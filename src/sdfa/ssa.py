@@ -189,6 +189,7 @@ class SSA(Rule):
         "rank": None,  # initial rank per layer: an int, or a fraction of min(m, n) in (0, 1]
         "energy": None,  # keep this fraction of sum(S^2) at conversion and at each schedule epoch
         "schedule": None,  # epochs after which to truncate by energy (list of ints, or every N)
+        "min_rank": 1,  # truncation by energy never goes below this rank (nor the layer's own)
         "alpha": 1.0,  # the error (DFA at hidden blocks, the loss at the output layer)
         "beta": 0.1,  # subspace alignment
         "gamma": 0.01,  # orthogonality of U
@@ -217,6 +218,7 @@ class SSA(Rule):
             _number("energy", c["energy"], 0.0, 1.0, open_low=True)
         if c["scale"] is not None:
             _number("scale", c["scale"], open_low=True)
+        _check_min_rank(c["min_rank"])
         schedule = c["schedule"]
         if schedule is not None:
             every = isinstance(schedule, int) and not isinstance(schedule, bool) and schedule > 0
@@ -244,7 +246,7 @@ class SSA(Rule):
             layer.local_terms = _attach_terms
             layer.local_weights = (c["gamma"], c["delta"], c["epsilon"])
             if c["energy"] is not None and not layer.S.is_meta:
-                _truncate_layer(layer, c["energy"], None)
+                _truncate_layer(layer, c["energy"], None, min_rank=c["min_rank"])
             swapped.append((name, layer))
             if not name:
                 model = layer
@@ -288,9 +290,17 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return min(int((cumulative < energy - 1e-12).sum().item()) + 1, s.numel())
 
 
+def _check_min_rank(min_rank) -> None:
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"rule 'ssa': min_rank must be a positive int; got {min_rank!r}")
+
+
 def _truncate_layer(layer: SVDLayer, energy: float | None, rank: int | None,
-                    optimizer: torch.optim.Optimizer | None = None) -> int:
-    keep = energy_rank(layer.S, energy) if energy is not None else min(rank, layer.rank)
+                    optimizer: torch.optim.Optimizer | None = None, min_rank: int = 1) -> int:
+    if energy is not None:
+        keep = max(energy_rank(layer.S, energy), min(min_rank, layer.rank))
+    else:
+        keep = min(rank, layer.rank)
     if keep == layer.rank:
         return keep
     index = layer.S.detach().abs().argsort(descending=True)[:keep].sort().values
@@ -316,17 +326,21 @@ def ranks(model: nn.Module) -> dict[str, int]:
 
 
 def truncate(model: nn.Module, *, energy: float | None = None, rank: int | None = None,
-             optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Reduce every SVD layer to the fewest triplets holding ``energy`` of sum(S^2) (or to
-    ``rank``), in place; the parameters stay the same objects and ``optimizer``'s state (Adam's
-    moments) is sliced with them, so training goes on. Returns the new ranks."""
+             optimizer: torch.optim.Optimizer | None = None, min_rank: int = 1
+             ) -> dict[str, int]:
+    """Reduce every SVD layer to the fewest triplets holding ``energy`` of sum(S^2), but not
+    below ``min_rank`` (or to ``rank``), in place; the parameters stay the same objects and
+    ``optimizer``'s state (Adam's moments) is sliced with them, so training goes on. Returns the
+    new ranks."""
     if (energy is None) == (rank is None):
         raise ValueError("truncate needs exactly one of energy= and rank=")
     if energy is not None:
         _number("energy", energy, 0.0, 1.0, open_low=True)
     elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int; got {rank!r}")
-    return {n: _truncate_layer(m, energy, rank, optimizer) for n, m in svd_layers(model).items()}
+    _check_min_rank(min_rank)
+    return {n: _truncate_layer(m, energy, rank, optimizer, min_rank)
+            for n, m in svd_layers(model).items()}
 
 
 def due(schedule, epoch: int) -> bool:
@@ -355,7 +369,8 @@ class RankSchedule(Callback):
     def on_epoch_end(self, trainer, row):
         epoch = row.get("epoch", len(self.history) + 1)
         if due(self.config.get("schedule"), epoch):
-            truncate(trainer.model, energy=self.config["energy"], optimizer=trainer.optimizer)
+            truncate(trainer.model, energy=self.config["energy"], optimizer=trainer.optimizer,
+                     min_rank=self.config.get("min_rank", 1))
             if getattr(trainer, "sample_macs", None) is not None:  # fewer MACs from now on
                 from .costs import costs
 
