@@ -185,7 +185,8 @@ class CostReport:
             notes.append(f"Feedback values rewritten per step (not per sample): "
                          f"{_n(self.total.feedback_per_step)}.")
         if self.total.feedback_macs_per_step:
-            notes.append(f"MACs spent learning the feedback per step (not per sample): "
+            notes.append(f"MACs spent learning the feedback (ssa: orthogonality terms) per step "
+                         f"(not per sample): "
                          f"{_n(self.total.feedback_macs_per_step)}.")
         return _format_table(title, headers, rows, markdown, 3, notes)
 
