@@ -82,6 +82,7 @@ def test_cli_lists_sets_and_rejects_unknown(capsys):
 @pytest.mark.parametrize("name", sorted(SETS))
 def test_every_experiment_names_a_registered_model_rule_and_data_set(name):
     from sdfa.data import DATASETS
+    from sdfa.graph.data import is_graph
     from sdfa.models import MODELS
     from sdfa.rules import RULES
 
@@ -89,4 +90,4 @@ def test_every_experiment_names_a_registered_model_rule_and_data_set(name):
         config = config_from_dict(exp.config)  # also validates every key and value
         assert config.model in MODELS, (exp.group, config.model)
         assert config.rule in RULES, (exp.group, config.rule)
-        assert config.dataset in DATASETS, (exp.group, config.dataset)
+        assert config.dataset in DATASETS or is_graph(config.dataset), (exp.group, config.dataset)

@@ -265,7 +265,7 @@ def test_roy2025_tables_report_parameters_memory_and_ranks(tmp_path):
         Experiment("digits", "SSA", {**tiny, "rule": "ssa", "rule_options": schedule}),
         Experiment("digits", "ablation: SSA without sparsity",
                    {**tiny, "rule": "ssa", "rule_options": {**schedule, "epsilon": 0.0}}),
-    ], source="test", extra=section)
+    ], source="test", report=section)
     text = reproduce(chosen, out=tmp_path, progress=False).read_text()
     assert "## Ablation: SSA with one loss term dropped" in text
     assert "## Ranks over training: digits, SSA (seed 0)" in text

@@ -7,6 +7,8 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
+# registered on import: dfa-gnn and node classification (PyG loads lazily); the device backends
+from . import graph, hardware  # noqa: F401
 from ._version import __version__
 from .alignment import capture_rng, measure_alignment
 from .app.run import load_run
@@ -28,6 +30,7 @@ __all__ = [
     "convert",
     "costs",
     "feedback_matrices",
+    "hardware",
     "is_trainable",
     "load_run",
     "measure_alignment",

@@ -80,6 +80,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
     "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
+    "dfa-gnn": FeedbackCost("e B"),  # graphs are priced by sdfa.graph.costs
     # DFA's wiring with factored B_l = B_V B_S B_U^T, plus the orthogonality terms (sdfa.ssa)
     "ssa": FeedbackCost("e B", per_step=lambda unit: unit.step_macs()),
 }
@@ -587,6 +588,8 @@ def _direct_cost(feedback: DirectFeedback) -> tuple[int, int, int, int, str]:
                 f"e U V (r={r})")
     if isinstance(feedback, DenseFeedback):
         return classes * neurons, 0, classes * neurons, classes * neurons, "e B"
+    if hasattr(feedback, "direct_cost"):  # a device backend (sdfa.hardware) prices itself
+        return feedback.direct_cost()
     raise ValueError(f"no cost model for feedback matrices of type {type(feedback).__name__}")
 
 

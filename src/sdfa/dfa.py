@@ -92,6 +92,8 @@ class DirectFeedbackAlignment:
         per_position=False,
         dilation=None,
         groups=None,
+        feedback="exact",
+        feedback_options=None,
     ):
         if not layers:
             raise ValueError(
@@ -111,6 +113,14 @@ class DirectFeedbackAlignment:
             "k": k, "rank": rank, "init": init, "scale": scale, "dilation": dilation,
             "groups": groups,
         }
+        self.backend = fb.BACKENDS.lookup(feedback)
+        if feedback_options is not None and not isinstance(feedback_options, dict):
+            raise ValueError(
+                f"feedback_options must be a dict of device options; got {feedback_options!r}"
+            )
+        self.backend_options = self.backend.check(
+            dict(feedback_options or {}), {**self.options, "per_position": per_position}
+        )
         self.boundaries = _parse_boundaries(boundaries)
         self.modules = dict(model.named_modules())
         self.provisional: set[str] = set()  # matrices made at convert(), before any forward
@@ -308,6 +318,9 @@ class DirectFeedbackAlignment:
             device=device,
             **options,
         )
+        feedback = self.backend.build(
+            feedback, options=self.backend_options, seed=self.seed, name=label
+        )
         self.modules[label].add_module(FEEDBACK_ATTR, feedback)
         return feedback
 
@@ -339,7 +352,10 @@ class DirectFeedbackAlignment:
             if getattr(owner, FEEDBACK_ATTR, None) is not None:
                 continue
             extra = state_dict.get(key + "_extra_state") or {}
-            if key + "weight" in state_dict and "groups" in extra:
+            device = self.backend.empty(state_dict, key, self.backend_options)
+            if device is not None:
+                empty = device
+            elif key + "weight" in state_dict and "groups" in extra:
                 empty = fb.ConvFeedback(
                     torch.empty_like(state_dict[key + "weight"]), extra["groups"], extra["shape"]
                 )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -62,6 +63,11 @@ class Workload:
     batch: int
     build: Callable[[], nn.Module]
     num_classes: int = 10
+    # a workload whose input is no tensor batch (a graph): (generator -> (inputs, targets)),
+    # its MAC bound ((model, rule, options) -> BP MACs / rule MACs) and its default contenders
+    make_batch: Callable | None = None
+    bound: Callable | None = None
+    contenders: tuple[str, ...] | None = None
 
 
 def _mlp(name: str, inputs: int, hidden: tuple[int, ...], description: str, batch: int = 128):
@@ -108,6 +114,17 @@ WORKLOADS = {
             num_classes=1000,
         ),
         _mlp("tiny", 64, (32, 32), "smoke test:", batch=16),
+        Workload(
+            "gcn",
+            "Zhao et al.'s GCN (3 layers, 64 hidden) on the k-NN digits graph (1797 nodes, k=10), "
+            "full batch (samples = nodes)",
+            (64,),
+            1797,
+            lambda: build_model("gcn", (64,), 10),
+            make_batch=lambda gen: _graph_batch("knn-digits"),
+            bound=lambda model, rule, options: _graph_bound(model, "knn-digits", rule, options),
+            contenders=("autograd", "bp", "dfa", "dfa-gnn"),
+        ),
     ]
 }
 GROUPS = {
@@ -116,8 +133,10 @@ GROUPS = {
     "width": ["width-256", "width-1024", "width-4096"],
     "conv": ["cifar-conv"],
     "heads": ["alexnet-head", "vgg-head"],
+    "graph": ["gcn"],
 }
-GROUPS["all"] = [w for g in ("main", "depth", "width", "conv", "heads") for w in GROUPS[g]]
+GROUPS["all"] = [w for g in ("main", "depth", "width", "conv", "heads", "graph")
+                 for w in GROUPS[g]]
 DEFAULT_CONTENDERS = ["autograd", "bp", "fa", "usf", "dfa", "dfa:k=1", "dfa:rank=2"]
 BIOTORCH_CONTENDERS = [f"biotorch-{r}" for r in ("bp", "fa", "usf", "dfa")]
 
@@ -177,6 +196,29 @@ def resolve_workloads(names: list[str]) -> list[Workload]:
     return [WORKLOADS[n] for n in dict.fromkeys(out)]
 
 
+@functools.cache
+def _graph(name: str):
+    from ..graph.data import load_graph
+
+    return load_graph(name)
+
+
+def _graph_batch(name: str):
+    """(graph, labels) of a graph data set: a step trains on every node."""
+    graph = _graph(name).graph
+    return graph, graph.y
+
+
+def _graph_bound(model: nn.Module, name: str, rule: str, options: dict) -> float:
+    """BP MACs / rule MACs of a full-batch step (sdfa.graph.costs; no pseudo-errors)."""
+    from ..graph.costs import graph_costs
+
+    data = _graph(name)
+    macs = [graph_costs(convert(model, r, **o), data).macs for r, o in (("bp", {}),
+                                                                         (rule, options))]
+    return macs[0] / macs[1]
+
+
 def mac_bound(model: nn.Module, rule: str, input_shape: tuple[int, ...], **options) -> float:
     """The cost model's bound on a rule's speed-up: BP MACs / rule MACs of one training step."""
     return costs(model, "bp", input_shape).macs / costs(model, rule, input_shape, **options).macs
@@ -208,7 +250,7 @@ class TrainingStep:
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
         x, y = self.x, self.y
-        with torch.autocast(x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with torch.autocast(y.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.model(x, y, F.cross_entropy) if self.needs_targets else self.model(x)
             loss = F.cross_entropy(out, y)
         loss.backward()
@@ -328,8 +370,12 @@ def bench_workload(
     torch.manual_seed(seed)
     base = workload.build()
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(workload.batch, *workload.input_shape, generator=gen).to(device)
-    y = torch.randint(0, workload.num_classes, (workload.batch,), generator=gen).to(device)
+    if workload.make_batch is not None:
+        x, y = workload.make_batch(gen)
+        x, y = x.to(device), y.to(device)
+    else:
+        x = torch.randn(workload.batch, *workload.input_shape, generator=gen).to(device)
+        y = torch.randint(0, workload.num_classes, (workload.batch,), generator=gen).to(device)
     steps = {}
     for c in contenders:
         model, needs_targets = _prepare(c, base, workload.num_classes)
@@ -361,7 +407,9 @@ def bench_workload(
     results = []
     for c in contenders:
         key = (c.rule, tuple(sorted(c.options.items())))
-        if key not in bounds:
+        if key not in bounds and workload.bound is not None:
+            bounds[key] = workload.bound(base, c.rule, c.options)
+        elif key not in bounds:
             bounds[key] = mac_bound(base, c.rule, workload.input_shape, **c.options)
         q1, median, q3 = _quartiles(times[c.label])
         ratios = [ref / t for ref, t in zip(times[REFERENCE], times[c.label])]
@@ -513,6 +561,7 @@ def run(
     if clock == "cpu" and dev.type == "cuda":
         raise ValueError("--clock cpu measures CPU time: use the wall clock on CUDA")
     selected = resolve_workloads(workloads)
+    chosen_by_user = contenders is not None
     if contenders is None:
         contenders = DEFAULT_CONTENDERS + (BIOTORCH_CONTENDERS if biotorch_available() else [])
     parsed = [parse_contender(c) for c in dict.fromkeys([REFERENCE, *contenders])]
@@ -549,9 +598,10 @@ def run(
         out(f"\n{workload.name}: {workload.description}")
         with warnings.catch_warnings():  # biotorch's layers use deprecated module hooks
             warnings.filterwarnings("ignore", "Using a non-full backward hook", FutureWarning)
+            own = workload.contenders if not chosen_by_user else None
             rows = bench_workload(
                 workload,
-                parsed,
+                [parse_contender(c) for c in dict.fromkeys([REFERENCE, *own])] if own else parsed,
                 rounds=rounds,
                 warmup=warmup,
                 round_time=round_time,

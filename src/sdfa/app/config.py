@@ -57,6 +57,8 @@ class TrainConfig:
     augment: bool | None = None  # None: the data set's usual augmentation (CIFAR: crop + flip)
     train_samples: int | None = None  # use only the first N training samples
     test_samples: int | None = None
+    dataset_options: dict = field(default_factory=dict)  # graph data sets: k, split, name, ...
+    task_options: dict = field(default_factory=dict)  # e.g. node classification's loss, eg, nf
     # model and learning rule
     model: str = "mlp"
     model_options: dict = field(default_factory=dict)
@@ -64,6 +66,8 @@ class TrainConfig:
     k: int | None = None
     rank: int | None = None
     rule_options: dict = field(default_factory=dict)
+    feedback: str = "exact"  # dfa: exact, optical or crossbar (sdfa.hardware, docs/hardware.md)
+    feedback_options: dict = field(default_factory=dict)  # the device's options
     zero_init: bool | None = None
     # optimization
     optimizer: str = "adam"
@@ -115,12 +119,16 @@ KEY_HELP = {
     "augment": "random crop + flip of training images (default: the data set's usual)",
     "train_samples": "use only the first N training samples",
     "test_samples": "use only the first N test samples",
+    "dataset_options": "graph data sets: e.g. dataset_options.k=10, .split=random, .name=Cora",
+    "task_options": "options of the task, e.g. task_options.loss=ce, task_options.eg=true",
     "model": "model preset (sdfa models)",
     "model_options": "preset options, e.g. model_options.hidden=[200,200] (sdfa models NAME)",
     "rule": "learning rule or rule spec, e.g. dfa, dfa:k=1, usf:scale=1.0 (sdfa rules)",
     "k": "sparse DFA: feedback connections per neuron",
     "rank": "low-rank DFA: rank of the feedback matrices",
     "rule_options": "other options of the rule, e.g. rule_options.init=\"sign\"",
+    "feedback": "dfa: how e @ B is computed: exact, optical (OPU) or crossbar (RRAM)",
+    "feedback_options": "device options, e.g. feedback_options.noise=0.05 (docs/hardware.md)",
     "zero_init": "start DFA layers from zero weights (default: when activations are tanh/sigmoid)",
     "optimizer": "adam, adamw, sgd or rmsprop",
     "lr": "learning rate",
@@ -277,6 +285,12 @@ def validate(config: TrainConfig) -> None:
         )
     if config.device not in ("auto", "cpu") and not config.device.startswith(("cuda", "mps")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {config.device!r}")
+    if config.privacy is not None and (config.feedback != "exact" or config.feedback_options):
+        raise ValueError(
+            f"privacy with feedback={config.feedback!r} is not supported: the privacy mechanisms "
+            "add calibrated noise to the summed update, and the device's own noise on e @ B is "
+            "not accounted yet (docs/hardware.md, 'Noise as privacy'). Use feedback=\"exact\""
+        )
     if config.privacy is not None:
         from ..privacy.training import check_config  # imports Opacus: only for private runs
 

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 
 from .._version import __version__
 from ..data import DATASETS, DataError, is_present, missing_message
+from ..graph.data import is_graph
 from ..models import MODELS
 from ..rules import RULES
 from ..specs import toml_value
@@ -44,6 +45,10 @@ class Experiment:
     quick: dict | None = None  # config for --quick; None: the set's reductions, {}: unchanged
     skip_quick: bool = False  # too slow for --quick
     series: str = ""  # with the set's ``sweep``: the line of the sweep plot it belongs to
+    x: float | None = None  # with ``sweep``: the swept value when it is no top-level config key
+    x_label: str = ""  # with ``sweep``: the group's x axis when it is not the set's ``sweep``
+    harsher: str = "up"  # with ``sweep``: "up" (larger x is harsher, e.g. noise) or "down" (bits)
+    run_group: str = ""  # the folder of its runs, if not the group's (references shared by groups)
 
 
 @dataclass
@@ -56,7 +61,9 @@ class ExperimentSet:
     notes: str = ""
     quick: dict = field(default_factory=dict)  # --quick reductions (epochs, data subsets)
     sweep: str | None = None  # a config key: also tabulate and plot the metric against it
-    extra: Callable | None = None  # (set, outcomes, out) -> more Markdown lines for results.md
+    report: object = None  # (outcomes, out) -> more lines of results.md (e.g. zhao2024's table)
+    sweep_reference: str = ""  # a reference label: report where each series loses one point
+    reference_setting: str = "inf"  # what a reference row's swept value is, in the sweep tables
 
 
 @dataclass
@@ -330,14 +337,99 @@ def _roy2025() -> ExperimentSet:
         "starts tanh layers from zero (sdfa's default), SSA from the SVD of PyTorch's initial "
         "weights. Test accuracy after the last epoch.",
         quick={"epochs": 2, "train_samples": 2000, "test_samples": 1000},
-        extra=section,
+        report=section,
     )
 
 
 ROY2025_ENERGY = 0.95
 ROY2025_MIN_RANK = 10  # the number of classes: no layer narrower than the output
+# sdfa.hardware: one parameter of a device swept at a time, the others at their defaults.
+HARDWARE_SWEEPS = (
+    # (group suffix, x label, harsher, [(series, backend, option, values)])
+    ("noise", "noise", "up", [
+        ("optical: camera noise", "optical", "noise", (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)),
+        ("crossbar: read noise", "crossbar", "read_noise", (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)),
+    ]),
+    ("bits", "bits", "down", [
+        ("optical: camera bits", "optical", "camera_bits", (1, 2, 3, 4, 6, 8)),
+        ("crossbar: cell bits", "crossbar", "bits", (1, 2, 3, 4, 6, 8)),
+    ]),
+    ("variation", "variation sigma", "up", [
+        ("crossbar: variation", "crossbar", "variation", (0.03, 0.1, 0.3, 0.5, 1.0)),
+    ]),
+    ("faults", "stuck fraction", "up", [
+        ("crossbar: stuck cells", "crossbar", "faults", (0.003, 0.01, 0.03, 0.1, 0.3)),
+    ]),
+)
+
+
+# The values each data set runs (sized to our time budget: 2 shared CPU cores).
+HARDWARE_POINTS = {
+    "digits": {"noise": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3), "bits": (1, 2, 3, 4, 6, 8),
+               "variation": (0.03, 0.1, 0.3, 0.5, 1.0), "faults": (0.003, 0.01, 0.03, 0.1, 0.3)},
+    "fashion-mnist": {"noise": (0.003, 0.03, 0.1, 0.3), "bits": (1, 2, 4, 8),
+                      "variation": (0.1, 0.3, 1.0), "faults": (0.01, 0.1, 0.3)},
+}
+
+
+def _hardware() -> ExperimentSet:
+    exps = []
+    data = (("digits", "digits, MLP 64-100-100-10 tanh", {"epochs": 10, "batch_size": 32},
+             {"epochs": 3}),
+            ("fashion-mnist", "Fashion-MNIST, MLP 784-100-100-10 tanh",
+             {"epochs": 2, "batch_size": 64, "train_samples": 10000},
+             {"epochs": 1, "train_samples": 2000, "test_samples": 1000}))
+    for dataset, name, protocol, quick in data:
+        base = {"dataset": dataset, "model": "mlp", "optimizer": "adam", "lr": 1e-3, **protocol}
+        references = [("BP", {"rule": "bp"}), ("DFA (exact)", {"rule": "dfa"}),
+                      ("DFA, OPU defaults", {"rule": "dfa", "feedback": "optical"}),
+                      ("DFA, crossbar defaults", {"rule": "dfa", "feedback": "crossbar"})]
+        for suffix, x_label, harsher, lines in HARDWARE_SWEEPS:
+            group = f"{name}: {suffix}"
+            for label, opts in references:
+                exps.append(Experiment(group, label, {**base, **opts}, quick=quick,
+                                       run_group=f"{name} references", x_label=x_label))
+            for series, backend, option, values in lines:
+                values = [x for x in values if x in HARDWARE_POINTS[dataset][suffix]]
+                for x in values:
+                    device = ({"stuck_on": x / 2, "stuck_off": x / 2} if option == "faults"
+                              else {option: x})
+                    config = {**base, "rule": "dfa", "feedback": backend,
+                              "feedback_options": device}
+                    exps.append(Experiment(group, f"{series} {x:g}", config, quick=quick,
+                                           series=series, x=float(x), x_label=x_label,
+                                           harsher=harsher))
+    return ExperimentSet(
+        "hardware",
+        "DFA's projection on simulated hardware: an optical processor (OPU) and an RRAM crossbar",
+        "accuracy",
+        exps,
+        source="Ohana, Cappelli et al. (Photonic Differential Privacy with DFA, 2021/2022) find "
+        "photonic DFA 'always very close to DFA' on Fashion-MNIST (no table was available to "
+        "us); Launay et al. 2020 report 95.8% on MNIST with their OPU against 97.6% on a GPU.",
+        notes="One device parameter swept at a time, every other at its default "
+        "(noise: the OPU camera's Gaussian noise as a fraction of full scale, the crossbar's "
+        "relative read noise per cell and read; bits: the OPU camera's, the crossbar cells'; "
+        "variation: log-normal sigma of programming variation; stuck fraction: cells stuck, "
+        "half at g_max and half at g_min) "
+        "(docs/hardware.md): OPU with 4 bit planes per sign, 8-bit camera, no noise; crossbar "
+        "with 4-bit cells, 8-bit ADC, no variation, noise or fault. Adam 1e-3, DFA layers from "
+        "zero (tanh), test accuracy after the last epoch, seed 0. Scaled down to fit 2 shared CPU "
+        "cores: digits 10 epochs, batch 32; Fashion-MNIST (real, Debian's "
+        "dataset-fashion-mnist) the first 10,000 training images, 2 epochs, batch 64, the full "
+        "10,000 test images, and fewer points per sweep.",
+        quick=QUICK,
+        sweep="device parameter",
+        sweep_reference="DFA (exact)",
+        reference_setting="ideal",
+    )
+
+
+
+from .zhao2024 import zhao2024 as _zhao2024  # noqa: E402  (it builds on the classes above)
+
 SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmark(), _lee2020(),
-                            _roy2025())}
+                            _zhao2024(), _hardware(), _roy2025())}
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -362,6 +454,11 @@ def reproduce(
         overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
             {"download": True} fetches missing data sets).
     """
+    if experiment_set == "tifed":  # integer federated training: its own runner (no Trainer)
+        from .tifed import reproduce_tifed
+
+        return reproduce_tifed(out=out, quick=quick, data_root=data_root, seeds=seeds,
+                               progress=progress)
     chosen = _lookup(experiment_set)
     out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
     outcomes = []
@@ -379,7 +476,7 @@ def reproduce(
         if _data_dir(data_root, values["dataset"]) is not None:
             values["data_dir"] = str(_data_dir(data_root, values["dataset"]))
         for seed in _seeds(seeds, exp):
-            run_dir = out / _slug(exp.group) / _slug(exp.label) / f"seed{seed}"
+            run_dir = out / _slug(exp.run_group or exp.group) / _slug(exp.label) / f"seed{seed}"
             config = config_from_dict({**values, "seed": seed, "out": str(run_dir),
                                        "progress": progress})
             if progress:
@@ -434,13 +531,15 @@ def _lookup(experiment_set) -> ExperimentSet:
     if isinstance(experiment_set, ExperimentSet):
         return experiment_set
     if experiment_set not in SETS:
-        raise ValueError(f"unknown experiment set {experiment_set!r}; available: {', '.join(SETS)}")
+        names = ", ".join([*SETS, "tifed"])
+        raise ValueError(f"unknown experiment set {experiment_set!r}; available: {names}")
     return SETS[experiment_set]
 
 
 def _unavailable(values: dict, data_root, download: bool) -> str:
     """Why an experiment cannot run here, one reason a line ('' when it can)."""
-    dataset, model, rule = values["dataset"], values["model"], values.get("rule", "dfa")
+    dataset, model = values["dataset"], values["model"]
+    rule = values.get("rule", "dfa").partition(":")[0]  # a rule spec: dfa-gnn:nf=false
     problems = []
     if model not in MODELS:
         problems.append(f"model {model!r} is not in this installation "
@@ -450,7 +549,9 @@ def _unavailable(values: dict, data_root, download: bool) -> str:
                         f"(rules: {', '.join(sorted(RULES))})")
     if values.get("privacy") and importlib.util.find_spec("opacus") is None:
         problems.append("private training needs Opacus: pip install 'sdfa[privacy]'")
-    if dataset not in DATASETS:
+    if is_graph(dataset):
+        pass  # loading says what is missing (Fashion-MNIST for its k-NN graph)
+    elif dataset not in DATASETS:
         problems.append(f"unknown data set {dataset!r}")
     else:
         directory = _data_dir(data_root, dataset)
@@ -461,6 +562,8 @@ def _unavailable(values: dict, data_root, download: bool) -> str:
 
 def _data_dir(data_root, dataset: str) -> Path | None:
     """Where a data set is read from under ``data_root`` (None: the default place)."""
+    if is_graph(dataset):  # graphs are built from embedded or system data (docs/graphs.md)
+        return None
     return Path(data_root) / dataset if data_root is not None and dataset != "digits" else None
 
 
@@ -519,8 +622,8 @@ def render(
     lines += ["", f"Published numbers: {chosen.source}", "", f"Protocol: {chosen.notes}"]
     if chosen.sweep:
         lines += _sweep_section(chosen, outcomes, out)
-    if chosen.extra is not None:
-        lines += chosen.extra(chosen, outcomes, out)
+    if chosen.report is not None:
+        lines += chosen.report(outcomes, out)
     reasons: dict[str, list[str]] = {}
     for o in outcomes:
         if o.skipped or (o.diverged and not o.summaries):
@@ -546,20 +649,23 @@ def render(
 def _sweep_section(chosen: ExperimentSet, outcomes: list[Outcome], out: Path) -> list[str]:
     """Per group, a table of the metric against ``chosen.sweep`` (one row per series) and its
     plot; experiments without the swept key (e.g. non-private) are reference rows and lines."""
-    key = chosen.sweep
     lines = []
     for group in dict.fromkeys(o.experiment.group for o in outcomes if o.summaries):
         series: dict[str, dict[float, list[float]]] = {}
         references: dict[str, list[float]] = {}
+        harsher: dict[str, str] = {}
+        key = next((o.experiment.x_label for o in outcomes
+                    if o.experiment.group == group and o.experiment.x_label), chosen.sweep)
         for o in outcomes:
             if o.experiment.group != group or not o.summaries:
                 continue
             values = [100 * s["test_accuracy"] for s in o.summaries]
-            x = o.experiment.config.get(key)
+            x = o.experiment.x if o.experiment.x is not None else o.experiment.config.get(key)
             if x is None:
                 references[o.experiment.label] = values
             else:
                 series.setdefault(o.experiment.series, {})[x] = values
+                harsher[o.experiment.series] = o.experiment.harsher
         xs = sorted({x for points in series.values() for x in points})
         lines += ["", f"## {group}: test accuracy (%) against {key}", "",
                   f"| | {' | '.join(f'{key} = {x:g}' for x in xs)} |",
@@ -568,14 +674,32 @@ def _sweep_section(chosen: ExperimentSet, outcomes: list[Outcome], out: Path) ->
             cells = [_mean_sd(points[x]) if x in points else "—" for x in xs]
             lines.append(f"| {name} | {' | '.join(cells)} |")
         for name, values in references.items():
-            lines.append(f"| {name} ({key} = inf) | {' | '.join([_mean_sd(values)] * len(xs))} |")
+            lines.append(f"| {name} ({key} = {chosen.reference_setting}) | "
+                         f"{' | '.join([_mean_sd(values)] * len(xs))} |")
+        if chosen.sweep_reference in references:
+            lines += ["", *_one_point_lost(series, harsher, references, chosen.sweep_reference)]
         png = plot_sweep(series, references, out / f"sweep-{_slug(group)}.png", x_label=key,
                          title=group)
         lines += ["", f"![{group}]({png.name})"]
     return lines
 
 
+def _one_point_lost(series, harsher, references, reference: str) -> list[str]:
+    """Per series, the first setting (from the mildest to the harshest) whose mean accuracy is
+    more than one point below the reference's."""
+    base = statistics.mean(references[reference])
+    lines = []
+    for name, points in series.items():
+        order = sorted(points, reverse=harsher.get(name) == "down")
+        lost = next((x for x in order if statistics.mean(points[x]) < base - 1.0), None)
+        where = f"at {lost:g}" if lost is not None else "nowhere in the sweep"
+        lines.append(f"- {name}: loses one point against {reference} ({base:.2f}%) {where}")
+    return lines
+
+
 def describe_sets() -> str:
     """One line per set, for ``sdfa reproduce --list``."""
-    return "\n".join(f"{s.name:20s} {s.title}" for s in SETS.values())
+    lines = [f"{s.name:20s} {s.title}" for s in SETS.values()]
+    return "\n".join(lines + [f"{'tifed':20s} TIFeD: integer-only federated DFA (Colombo et al. "
+                               "2023), full-network and single-layer"])
 

@@ -60,8 +60,8 @@ def _acc(outcome) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def section(chosen, outcomes, out: Path) -> list[str]:
-    """The roy2025 tables (``ExperimentSet.extra``): costs, ablation, ranks over training."""
+def section(outcomes, out: Path) -> list[str]:
+    """The roy2025 tables (``ExperimentSet.report``): costs, ablation, ranks over training."""
     lines = ["", "## Accuracy, trainable parameters, compute and memory", "",
              "| experiment | rule | test accuracy (%) | trainable params | MACs / sample | "
              "orthogonality MACs / step | peak step memory (KiB, batch 32) | final ranks |",
