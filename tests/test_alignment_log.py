@@ -60,7 +60,11 @@ def test_logging_alignment_does_not_change_the_weights(tmp_path, rule, k):
     ]
     # The output layer receives the true error under every rule; the hidden layers do not (their
     # true gradient is 0, so the angle nan, while DFA's zero-initialized weights are 0).
-    assert all(float(r[f"align/angle/{layers[2]}"]) == 0 for r in rows)
+    output = [float(r[f"align/angle/{layers[2]}"]) for r in rows]
+    if rule == "ssa":  # its orthogonality and sparsity terms are part of every layer's update
+        assert all(0 < a < 45 for a in output)
+    else:
+        assert output == [0] * 16
     hidden = [float(r[f"align/angle/{layers[1]}"]) for r in rows]
     if rule == "bp":
         assert hidden == [0] * 16

@@ -17,6 +17,7 @@ from .costs import costs
 from .layers import backprop, is_trainable, register_layer
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
+from .ssa import to_dense
 
 __all__ = [
     "__version__",
@@ -36,4 +37,5 @@ __all__ = [
     "register_layer",
     "register_rule",
     "rules_of",
+    "to_dense",
 ]

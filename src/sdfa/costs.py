@@ -32,7 +32,7 @@ import ast
 import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -58,12 +58,15 @@ class FeedbackCost:
     ``via`` names the matrix the error travels through; ``rewrites`` means the feedback (one
     value per weight) is recomputed or updated at every step; ``mirror`` means the feedback is
     learned from noise: each step drives the layer with the rule's ``samples`` noise vectors,
-    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step.
+    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step;
+    ``per_step(unit)`` counts other products a unit adds once per step (SSA's orthogonality
+    terms), reported with the feedback's per-step MACs.
     """
 
     via: str
     rewrites: bool = False
     mirror: bool = False
+    per_step: Callable[[nn.Module], int] | None = None  # other MACs per step of each unit
 
 
 # One entry per rule name in sdfa.RULES (a test checks that none is missing).
@@ -78,6 +81,8 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
     "dfa-gnn": FeedbackCost("e B"),  # graphs are priced by sdfa.graph.costs
+    # DFA's wiring with factored B_l = B_V B_S B_U^T, plus the orthogonality terms (sdfa.ssa)
+    "ssa": FeedbackCost("e B", per_step=lambda unit: unit.step_macs()),
 }
 
 
@@ -96,7 +101,7 @@ class LayerCost:
     error_values: int = 0
     weight_values: int = 0
     feedback_per_step: int = 0  # feedback values recomputed or updated each step (per step!)
-    feedback_macs_per_step: int = 0  # MACs spent learning the feedback each step (per step!)
+    feedback_macs_per_step: int = 0  # MACs learning the feedback (ssa: orthogonality) per step
 
     @property
     def macs(self) -> int:
@@ -181,7 +186,8 @@ class CostReport:
             notes.append(f"Feedback values rewritten per step (not per sample): "
                          f"{_n(self.total.feedback_per_step)}.")
         if self.total.feedback_macs_per_step:
-            notes.append(f"MACs spent learning the feedback per step (not per sample): "
+            notes.append(f"MACs spent learning the feedback (ssa: orthogonality terms) per step "
+                         f"(not per sample): "
                          f"{_n(self.total.feedback_macs_per_step)}.")
         return _format_table(title, headers, rows, markdown, 3, notes)
 
@@ -533,6 +539,8 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dic
             if cost.mirror:
                 samples = call.module.rule.config["samples"]
                 own.feedback_macs_per_step += 2 * samples * call.module.weight.numel()
+        if cost.per_step is not None:
+            own.feedback_macs_per_step += cost.per_step(call.module)
         previous = call.name
 
     for path, feedback in direct.items():

@@ -135,6 +135,10 @@ def callbacks_for(config: TrainConfig) -> list:
         from ..privacy.training import PrivacyCallback  # imports Opacus: only for private runs
 
         callbacks.append(PrivacyCallback(config))
+    if config.rule == "ssa":
+        from ..ssa import RankSchedule
+
+        callbacks.append(RankSchedule())
     return callbacks
 
 
