@@ -121,8 +121,9 @@ def build_trainer(config: TrainConfig, data, model, run_dir=None, callbacks=(), 
     device = build.resolve_device(config.device)
     task = build.task_for(config, data)
     train_loader, test_loader = build.loaders(config, data, device)
-    example = torch.zeros(1, *task.input_shape, device=device)
-    report = costs(model, None, task.input_shape)  # the rule's counted MACs per sample
+    example = task.example_input(device)
+    # the rule's counted MACs per sample
+    report = costs(model, None, task.input_shape, input_dtype=task.input_dtype)
     return Trainer(
         task, model, train_loader, test_loader,
         optimizer=build.optimizer_factory(config), scheduler=build.scheduler_factory(config),
