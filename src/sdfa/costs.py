@@ -77,6 +77,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "kp": FeedbackCost("B", rewrites=True),  # B takes W's gradient step (the product is shared)
     "wm": FeedbackCost("B", rewrites=True, mirror=True),  # y = W xi and y xi^T, per step
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
+    "shallow": FeedbackCost("W"),  # only the output unit learns: no error is sent down
 }
 
 

@@ -397,7 +397,7 @@ def _add_plot_and_reproduce(commands) -> None:
         "absent are listed with the files to download and where to put them.",
     )
     r.add_argument("name", nargs="?",
-                   help="crafton2019, moskovitz2018, biotorch-benchmark or lee2020")
+                   help="crafton2019, moskovitz2018, biotorch-benchmark, lee2020 or launay2020")
     r.add_argument("--list", action="store_true", help="list the experiment sets")
     r.add_argument("--quick", action="store_true",
                    help="a reduced version (few epochs, data subsets) that runs in minutes")

@@ -35,7 +35,8 @@ class TokenWindows(Dataset):
         return max(len(self.tokens) - 1, 0) // self.seq_len
 
     def __getitem__(self, index):
-        return self.__getitems__([index])[0]
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
 
     def __getitems__(self, indices):
         starts = torch.as_tensor(indices, dtype=torch.long)[:, None] * self.seq_len
