@@ -300,9 +300,12 @@ def _launay2020() -> ExperimentSet:
         ("DFA macro", {**dfa, "rule_options": {**dfa["rule_options"], "boundaries": "macro"}}),
         ("DFA micro", {**dfa, "rule_options": {**dfa["rule_options"], "boundaries": "micro"}}),
         ("shallow", {"rule": "shallow"}),
+        # the option Launay et al.'s code leaves off: the error after the vocabulary projection
+        ("DFA macro, error after the vocabulary",
+         {**dfa, "rule_options": {"per_position": True, "boundaries": "macro"}}),
     ]
     group = "Shakespeare (42 plays), char-level, transformer 4 x 128, seq 32"
-    exps = [Experiment(group, label, {**lm, **opts}, published=LAUNAY2020[label],
+    exps = [Experiment(group, label, {**lm, **opts}, published=LAUNAY2020.get(label),
                        seeds=(0, 1, 2)) for label, opts in settings]
     recurrent = [("BP", {"rule": "bp"}), ("DFA", {"rule": "dfa"}),
                  ("module-wise DFA", {"rule": "dfa", "rule_options": {"boundaries": "module"}})]
