@@ -587,6 +587,8 @@ def _rule_label(rule, options: Mapping) -> str:
     # Only the options that change the costs: the sparsity and the rank of DFA feedback.
     keys = ("k", "rank", "dilation", "groups", "per_position")
     opts = [f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False)]
+    if isinstance(options.get("boundaries"), str):  # a named set, e.g. Launay et al.'s macro
+        opts.insert(0, f"boundaries={options['boundaries']}")
     if options.get("after_output") is False:  # the error before the output unit (d values)
         opts.append("after_output=False")
     return f"{base} {','.join(opts)}".strip()
