@@ -342,3 +342,11 @@ def test_gru_classifier_on_basicmotions_shape():
     model = sdfa.convert(build_model("gru", data.input_shape, 4, hidden=8, layers=1, fc=8),
                          "dfa", boundaries="module")
     assert model(data.train.images[:5].to(torch.get_default_dtype())).shape == (5, 4)
+
+
+def test_features_that_assume_the_error_at_the_output_refuse_after_output_false():
+    from sdfa.privacy.mechanism import analyse
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="convert without after_output=False"):
+        analyse(sdfa.convert(net, "dfa", after_output=False), "dp-dfa", 1.0, 1.0)
