@@ -28,7 +28,6 @@ rule and is left out. See ``docs/costs.md`` for the definitions and the choices 
 
 from __future__ import annotations
 
-import ast
 import copy
 import itertools
 import math
@@ -49,6 +48,7 @@ from .feedback import (
     SparseLowRankFeedback,
 )
 from .layers import Work, layer_type, trainable_units
+from .specs import parse_rule_spec
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "dfa-gnn": FeedbackCost("e B"),  # graphs are priced by sdfa.graph.costs
     # DFA's wiring with factored B_l = B_V B_S B_U^T, plus the orthogonality terms (sdfa.ssa)
     "ssa": FeedbackCost("e B", per_step=lambda unit: unit.step_macs()),
+    "shallow": FeedbackCost("W"),  # only the output unit learns: no error is sent down
 }
 
 
@@ -306,18 +307,9 @@ class Comparison:
 
 
 def parse_rule(spec: str) -> tuple[str, dict]:
-    """``"dfa:k=1,init=sign"`` -> ``("dfa", {"k": 1, "init": "sign"})``."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"rule options must look like 'dfa:k=1,rank=2'; got {spec!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return name.strip(), options
+    """``"dfa:k=1,init=sign"`` -> ``("dfa", {"k": 1, "init": "sign"})``: the rule specs of every
+    command (values read as TOML, so ``per_position=true``)."""
+    return parse_rule_spec(spec)
 
 
 # -- paper architectures ------------------------------------------------------------------------
@@ -412,10 +404,14 @@ def report(
             "a model preset needs a data set or the shape of one input sample, e.g. 1,28,28"
         )
     net = _meta_preset(model, input_shape, num_classes or 10, **(model_options or {}))
+    units = [m for _, m in trainable_units(net)]
+    # a preset that starts with an embedding reads token ids
+    dtype = torch.long if units and isinstance(units[0], nn.Embedding) else None
     reports = []
     for spec in rules:
         rule, options = parse_rule(spec)
-        reports.append(costs(net, rule, input_shape, seed=seed, name=model, **options))
+        reports.append(costs(net, rule, input_shape, seed=seed, name=model, input_dtype=dtype,
+                             **options))
     texts = [r.to_markdown() if markdown else str(r) for r in reports]
     if len(reports) > 1:
         comparison = Comparison(reports)
@@ -601,8 +597,12 @@ def _rule_label(rule, options: Mapping) -> str:
         base = str(rule)
     # Only the options that change the costs: the sparsity and the rank of DFA feedback.
     keys = ("k", "rank", "dilation", "groups", "per_position")
-    opts = ",".join(f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False))
-    return f"{base} {opts}".strip()
+    opts = [f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False)]
+    if isinstance(options.get("boundaries"), str):  # a named set, e.g. Launay et al.'s macro
+        opts.insert(0, f"boundaries={options['boundaries']}")
+    if options.get("after_output") is False:  # the error before the output unit (d values)
+        opts.append("after_output=False")
+    return f"{base} {','.join(opts)}".strip()
 
 
 # -- formatting ---------------------------------------------------------------------------------

