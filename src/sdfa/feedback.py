@@ -29,6 +29,8 @@ import zlib
 import torch
 from torch import nn
 
+from .registry import Registry
+
 INITS = ("uniform", "gaussian", "sign")
 
 
@@ -404,3 +406,37 @@ def _conv_feedback(num_classes, sample_shape, dilation, groups, init, scale, gen
     )
     weight = draw((num_classes, channels // groups, *dilation), h, init, gen)
     return ConvFeedback(weight, groups, shape)
+
+
+# -- backends: how the product e @ B is computed ------------------------------------------------
+
+
+class FeedbackBackend:
+    """How DFA computes ``e @ B_l``: ``"exact"`` (digital, the matrices above) or a simulated
+    device registered by :mod:`sdfa.hardware` (``"optical"``, ``"crossbar"``).
+
+    ``check`` validates ``feedback_options`` against the DFA options at ``convert()`` (a clear
+    ValueError for an invalid combination); ``build`` turns the exact feedback of one layer into
+    the backend's DirectFeedback; ``empty`` makes an empty one from a checkpoint's entries (or
+    None when they are not this backend's), so ``load_state_dict`` can fill it.
+    """
+
+    name = "exact"
+
+    def check(self, options: dict, dfa_options: dict) -> dict:
+        if options:
+            raise ValueError(
+                f"feedback='exact' takes no feedback_options; got {sorted(options)}. Choose a "
+                f"device backend: feedback={' or '.join(repr(b) for b in BACKENDS if b != 'exact')}"
+            )
+        return {}
+
+    def build(self, exact: DirectFeedback, *, options: dict, seed: int, name: str):
+        return exact
+
+    def empty(self, state_dict: dict, key: str, options: dict):
+        return None
+
+
+BACKENDS: Registry[FeedbackBackend] = Registry("feedback backend")
+BACKENDS.register("exact", FeedbackBackend())

