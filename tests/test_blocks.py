@@ -621,7 +621,9 @@ def test_costs_of_recurrent_units_and_a_clear_refusal():
     lstm = next(c for c in report.layers if c.name == "1")
     forward = steps * 4 * hidden * (n_in + hidden)
     assert lstm.forward == forward
-    assert lstm.update == forward + steps * 4 * hidden * hidden  # weights + the recurrence
+    # weights + the recurrence: the error reaches h_{t-1} at every step but the first
+    # (FlopCounterMode agrees: tests/test_sequence.py)
+    assert lstm.update == forward + (steps - 1) * 4 * hidden * hidden
     first = next(c for c in report.layers if c.name == "0")
     assert first.error == steps * 4 * hidden * n_in  # the LSTM sends its error to layer 0
     class Decoder(nn.Module):

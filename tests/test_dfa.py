@@ -336,7 +336,7 @@ def test_custom_module_with_layers_in_a_different_order():
     "rule, options, message",
     [
         ("dfb", {}, "available rules: bp, .*dfa"),
-        ("dfa", {"kk": 1}, "unknown option.*kk.*they take: boundaries"),
+        ("dfa", {"kk": 1}, "unknown option.*kk.*they take: after_output, boundaries"),
         ("dfa", {"k": 0}, r"1 <= k <= 4"),
         ("dfa", {"k": 5}, r"1 <= k <= 4"),
         ("dfa", {"rank": 9}, r"1 <= rank <= 4"),

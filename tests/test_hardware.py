@@ -240,3 +240,41 @@ def test_energy_by_hand_on_a_tiny_network():
     # full use: 16 frames of (2 error + 2 anchor pixels) x 3 outputs at 30 W / 1.5e15 op/s
     assert e.dfa_opu_full_use == pytest.approx(rest + 16 * 4 * 3 * 30 / 1.5e15)
     assert e.projection_macs == 6
+
+
+def test_the_hardware_set_builds_valid_configs_and_finds_the_lost_point():
+    from sdfa.app.config import config_from_dict
+    from sdfa.app.reproduce import SETS, _one_point_lost
+
+    chosen = SETS["hardware"]
+    for exp in chosen.experiments:
+        config_from_dict(exp.config)  # every key and value type-checks
+        if exp.series:
+            assert exp.x is not None and exp.config["feedback"] in ("optical", "crossbar")
+    series = {"noise": {0.01: [97.0], 0.1: [96.9], 0.3: [90.0]}, "bits": {1: [80.0], 4: [97.0]}}
+    lines = _one_point_lost(series, {"noise": "up", "bits": "down"}, {"DFA": [97.8]}, "DFA")
+    assert lines == [
+        "- noise: loses one point against DFA (97.80%) at 0.3",
+        "- bits: loses one point against DFA (97.80%) at 1",
+    ]
+
+
+@pytest.mark.parametrize("backend", ["optical", "crossbar"])
+def test_per_position_feedback_on_a_device(backend):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = sdfa.convert(net, "dfa", per_position=True, feedback=backend)
+    x = torch.randn(2, 7, 5, dtype=D)  # (batch, positions, features)
+    F.cross_entropy(model(x).flatten(0, 1), torch.randint(0, 3, (14,))).backward()
+    assert sdfa.feedback_matrices(model)["0"].shape == (3, 8)
+    assert model[0].weight.grad.abs().sum() > 0
+
+
+def test_costs_energy_on_the_command_line(capsys):
+    from sdfa.app.cli import main
+
+    assert main(["costs", "--energy", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| MNIST FC 784-400-10 | 2.980 | 2.980 |" in out and "ASSUMED" in out
+    assert main(["costs", "--energy", "--model", "mlp"]) == 2
+    assert "--energy prices the networks of Crafton et al." in capsys.readouterr().err

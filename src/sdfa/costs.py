@@ -28,11 +28,10 @@ rule and is left out. See ``docs/costs.md`` for the definitions and the choices 
 
 from __future__ import annotations
 
-import ast
 import copy
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -49,6 +48,7 @@ from .feedback import (
     SparseLowRankFeedback,
 )
 from .layers import Work, layer_type, trainable_units
+from .specs import parse_rule_spec
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class FeedbackCost:
     ``via`` names the matrix the error travels through; ``rewrites`` means the feedback (one
     value per weight) is recomputed or updated at every step; ``mirror`` means the feedback is
     learned from noise: each step drives the layer with the rule's ``samples`` noise vectors,
-    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step.
+    a product y = W xi and an outer product y xi^T, 2 x samples x (weights) MACs per step;
+    ``per_step(unit)`` counts other products a unit adds once per step (SSA's orthogonality
+    terms), reported with the feedback's per-step MACs.
     """
 
     via: str
@@ -66,6 +68,7 @@ class FeedbackCost:
     mirror: bool = False
     tangent: bool = False  # FDFA: a tangent through every unit after the first block output,
     # and d u^T (C N_l) per block output to learn B_l: priced as error work of the block
+    per_step: Callable[[nn.Module], int] | None = None  # other MACs per step of each unit
 
 
 # One entry per rule name in sdfa.RULES (a test checks that none is missing).
@@ -81,6 +84,10 @@ RULE_COSTS: dict[str, FeedbackCost] = {
     "dfa": FeedbackCost("e B"),  # the layers send nothing down; e B_l is priced per matrix
     "fdfa": FeedbackCost("e B", tangent=True),  # DFA's pass; B learned from forward tangents
     "sfdfa": FeedbackCost("e B"),  # spike-time networks: no registered units (not priced)
+    "dfa-gnn": FeedbackCost("e B"),  # graphs are priced by sdfa.graph.costs
+    # DFA's wiring with factored B_l = B_V B_S B_U^T, plus the orthogonality terms (sdfa.ssa)
+    "ssa": FeedbackCost("e B", per_step=lambda unit: unit.step_macs()),
+    "shallow": FeedbackCost("W"),  # only the output unit learns: no error is sent down
 }
 
 
@@ -99,7 +106,7 @@ class LayerCost:
     error_values: int = 0
     weight_values: int = 0
     feedback_per_step: int = 0  # feedback values recomputed or updated each step (per step!)
-    feedback_macs_per_step: int = 0  # MACs spent learning the feedback each step (per step!)
+    feedback_macs_per_step: int = 0  # MACs learning the feedback (ssa: orthogonality) per step
 
     @property
     def macs(self) -> int:
@@ -184,7 +191,8 @@ class CostReport:
             notes.append(f"Feedback values rewritten per step (not per sample): "
                          f"{_n(self.total.feedback_per_step)}.")
         if self.total.feedback_macs_per_step:
-            notes.append(f"MACs spent learning the feedback per step (not per sample): "
+            notes.append(f"MACs spent learning the feedback (ssa: orthogonality terms) per step "
+                         f"(not per sample): "
                          f"{_n(self.total.feedback_macs_per_step)}.")
         return _format_table(title, headers, rows, markdown, 3, notes)
 
@@ -303,18 +311,9 @@ class Comparison:
 
 
 def parse_rule(spec: str) -> tuple[str, dict]:
-    """``"dfa:k=1,init=sign"`` -> ``("dfa", {"k": 1, "init": "sign"})``."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"rule options must look like 'dfa:k=1,rank=2'; got {spec!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
-    return name.strip(), options
+    """``"dfa:k=1,init=sign"`` -> ``("dfa", {"k": 1, "init": "sign"})``: the rule specs of every
+    command (values read as TOML, so ``per_position=true``)."""
+    return parse_rule_spec(spec)
 
 
 # -- paper architectures ------------------------------------------------------------------------
@@ -409,10 +408,14 @@ def report(
             "a model preset needs a data set or the shape of one input sample, e.g. 1,28,28"
         )
     net = _meta_preset(model, input_shape, num_classes or 10, **(model_options or {}))
+    units = [m for _, m in trainable_units(net)]
+    # a preset that starts with an embedding reads token ids
+    dtype = torch.long if units and isinstance(units[0], nn.Embedding) else None
     reports = []
     for spec in rules:
         rule, options = parse_rule(spec)
-        reports.append(costs(net, rule, input_shape, seed=seed, name=model, **options))
+        reports.append(costs(net, rule, input_shape, seed=seed, name=model, input_dtype=dtype,
+                             **options))
     texts = [r.to_markdown() if markdown else str(r) for r in reports]
     if len(reports) > 1:
         comparison = Comparison(reports)
@@ -539,6 +542,8 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dic
             if cost.mirror:
                 samples = call.module.rule.config["samples"]
                 own.feedback_macs_per_step += 2 * samples * call.module.weight.numel()
+        if cost.per_step is not None:
+            own.feedback_macs_per_step += cost.per_step(call.module)
         previous = call.name
 
     for path, feedback in direct.items():
@@ -601,8 +606,12 @@ def _rule_label(rule, options: Mapping) -> str:
         base = str(rule)
     # Only the options that change the costs: the sparsity and the rank of DFA feedback.
     keys = ("k", "rank", "dilation", "groups", "per_position")
-    opts = ",".join(f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False))
-    return f"{base} {opts}".strip()
+    opts = [f"{k}={options[k]}" for k in keys if options.get(k) not in (None, False)]
+    if isinstance(options.get("boundaries"), str):  # a named set, e.g. Launay et al.'s macro
+        opts.insert(0, f"boundaries={options['boundaries']}")
+    if options.get("after_output") is False:  # the error before the output unit (d values)
+        opts.append("after_output=False")
+    return f"{base} {','.join(opts)}".strip()
 
 
 # -- formatting ---------------------------------------------------------------------------------

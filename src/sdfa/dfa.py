@@ -16,6 +16,10 @@ How it works, without touching the user's layers:
   (batch, *positions, d_l): B_l has shape (C, d_l) and is applied at every position;
   ``per_position="sum"`` sends the error summed over the positions, (sum_p e_p) B_l, to every
   position (a spiking network's error once per sample instead of at every time step).
+* With ``after_output=False`` the error is taken *before* the output unit instead: e is the
+  gradient at the output unit's input (for a language model, the d-dimensional input of the
+  vocabulary projection, as TinyDFA's default ``dfa_after_vocab=False``), computed by autograd
+  through the output unit alone, and B_l has shape (d, N_l).
 * A module whose output is a tuple (nn.LSTM's ``(output, (h, c))``) marks one tensor of it as its
   block output, the first one by default or the one at the index given with
   ``boundaries=[("lstm", (1, 0))]``; every other tensor of the tuple is detached too, so no
@@ -107,6 +111,7 @@ class DirectFeedbackAlignment:
         groups=None,
         feedback="exact",
         feedback_options=None,
+        after_output=True,
     ):
         if not layers:
             raise ValueError(
@@ -118,6 +123,8 @@ class DirectFeedbackAlignment:
                 f"per_position must be True or False, or 'sum' (the error summed over the "
                 f"positions); got {per_position!r}"
             )
+        if not isinstance(after_output, bool):
+            raise ValueError(f"after_output must be True or False; got {after_output!r}")
         if per_position and dilation is not None:
             raise ValueError(
                 "per_position=True shares B over positions; dilation= (convolutional feedback) "
@@ -125,6 +132,7 @@ class DirectFeedbackAlignment:
             )
         self.seed = seed
         self.per_position = per_position
+        self.after_output = after_output
         self.options = {
             "k": k, "rank": rank, "init": init, "scale": scale, "dilation": dilation,
             "groups": groups,
@@ -137,7 +145,7 @@ class DirectFeedbackAlignment:
         self.backend_options = self.backend.check(
             dict(feedback_options or {}), {**self.options, "per_position": per_position}
         )
-        self.boundaries = _parse_boundaries(boundaries)
+        self.boundaries = _parse_boundaries(_named_boundaries(model, boundaries))
         self.modules = dict(model.named_modules())
         self.provisional: set[str] = set()  # matrices made at convert(), before any forward
         self.positions: dict[str, int] = {}  # per_position: positions of each block output
@@ -149,7 +157,7 @@ class DirectFeedbackAlignment:
                 f"choose one of: {', '.join(names)}"
             )
         output_layer = self.modules[self.output_name]
-        num_classes = output_layer.out_features if isinstance(output_layer, nn.Linear) else None
+        num_classes = _error_size(output_layer, after_output)
         fb.check_options(num_classes, k, rank, init, dilation, groups)
         self.pending: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
         self.output_ran = False
@@ -228,6 +236,8 @@ class DirectFeedbackAlignment:
                 "pass output='<name>' to sdfa.convert."
             )
         x = args[0]
+        if name == self.output_name and not self.after_output:
+            return self._project_input(module, args)
         if not self._active(x):
             return None
         if id(x) not in self.pending:
@@ -255,10 +265,30 @@ class DirectFeedbackAlignment:
             return None
         return _rebuild(out, path, self._record(name, chosen))
 
+    def _project_input(self, module, args):
+        """``after_output=False``: the error is the gradient at the output unit's input x, so the
+        feedback node goes on x (autograd brings dL/dx through the output unit alone). A block
+        output recorded for x is handed on detached; a part between the last boundary and the
+        output unit (a final LayerNorm) gets its true gradient from dL/dx."""
+        x = args[0]
+        if self._active(x) and id(x) not in self.pending:
+            label = self.producer.get(self.output_name)
+            if label is not None:  # chain mode: x is the block output of the unit before
+                self._record(label, x)
+        if id(x) in self.pending:
+            x = self.pending[id(x)][2]
+        y = self._feed(x)
+        return None if y is None else (y, *(_detached(a) for a in args[1:]))
+
     def _project(self, module, args, y):
         if backprop_enabled():
             return None
         self.output_ran = True
+        return self._feed(y) if self.after_output else None
+
+    def _feed(self, y):
+        """y unchanged; in the backward pass e = dL/dy goes on as ``e @ B_l`` to every pending
+        block output."""
         if not self.pending:
             return None
         entries = list(self.pending.values())
@@ -353,7 +383,7 @@ class DirectFeedbackAlignment:
             or not all(p.requires_grad for n in names for p in self.modules[n].parameters())
         ):
             return
-        num_classes = self.modules[self.output_name].out_features
+        num_classes = _error_size(self.modules[self.output_name], self.after_output)
         for label, consumer in zip(names, consumers):
             weight = self.modules[consumer].weight
             n = weight.shape[1]
@@ -397,8 +427,34 @@ class DirectFeedbackAlignment:
             owner.add_module(FEEDBACK_ATTR, empty)
 
 
+def _error_size(output_layer: nn.Module, after_output: bool) -> int | None:
+    """C, the size of the error e: the outputs of the output unit, or (``after_output=False``)
+    its inputs; None when only the first forward pass can tell."""
+    if not isinstance(output_layer, nn.Linear):
+        return None
+    return output_layer.out_features if after_output else output_layer.in_features
+
+
 def _detached(value):
     return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
+
+
+NAMED_BOUNDARIES = "sdfa_boundaries"
+
+
+def _named_boundaries(model: nn.Module, boundaries):
+    """``boundaries="macro"``: a list that the model publishes under that name in its attribute
+    ``sdfa_boundaries`` (a dict; the sequence presets publish Launay et al.'s feedback points)."""
+    if not isinstance(boundaries, str):
+        return boundaries
+    named = getattr(model, NAMED_BOUNDARIES, None) or {}
+    if boundaries not in named:
+        offers = f"it names: {', '.join(named)}" if named else "it names none"
+        raise ValueError(
+            f"boundaries={boundaries!r} is no boundary set of this model ({offers}); give a "
+            "list of module names, or one of its names"
+        )
+    return list(named[boundaries])
 
 
 def _parse_boundaries(boundaries) -> dict[str, tuple[int, ...] | None] | None:

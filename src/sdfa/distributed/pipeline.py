@@ -421,11 +421,13 @@ def _converted(model: nn.Module, rule, seed: int, options: dict):
     if rule is not None:
         if not isinstance(rule, str):
             raise ValueError(f"layer-parallel training takes one rule name; got {rule!r}")
-        if rule == "dfa" and {"output", "boundaries", "example_input"} & set(options):
+        if rule == "dfa" and {"output", "boundaries", "example_input", "after_output"} & set(
+            options
+        ):
             raise ValueError(
                 "layer-parallel DFA takes the block outputs at the trainable layers of the "
-                "nn.Sequential and the output at its last layer: options output=, boundaries= "
-                "and example_input= do not apply"
+                "nn.Sequential and the output at its last layer: options output=, boundaries=, "
+                "example_input= and after_output= do not apply"
             )
         model = convert(model, rule, seed=seed, inplace=True, **options)
     elif options:

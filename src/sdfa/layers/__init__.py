@@ -7,7 +7,7 @@ nn.TransformerEncoderLayer/DecoderLayer (DFA trains them inside their block). Ad
 :func:`register_layer`.
 """
 
-from . import conv, linear, sequence  # noqa: F401  (register the built-in layer types)
+from . import conv, linear, sequence, svd  # noqa: F401  (register the built-in layer types)
 from .base import FeedbackLayer, backprop, backprop_enabled
 from .conv import (
     FeedbackConv1d,
@@ -28,6 +28,7 @@ from .registry import (
     trainable_units,
     twin_of,
 )
+from .svd import SVDConv2d, SVDLayer, SVDLinear
 
 __all__ = [
     "LAYERS",
@@ -40,6 +41,9 @@ __all__ = [
     "FeedbackLayer",
     "FeedbackLinear",
     "LayerType",
+    "SVDConv2d",
+    "SVDLayer",
+    "SVDLinear",
     "Work",
     "backprop",
     "backprop_enabled",

@@ -41,9 +41,10 @@ def backprop_enabled() -> bool:
 
 
 def backward_feedback(feedback, layer):
-    """The feedback weight at backward time: the tensor given to forward, or the layer's derived
-    feedback, built now into its scratch tensor (see ``FeedbackLayer._derived_feedback``)."""
-    return layer._derived_feedback() if feedback is None else feedback
+    """``(F, h)``, the feedback weight ``h F`` at backward time: the tensor given to forward, or
+    the layer's derived feedback, built now into its scratch tensor (see
+    ``FeedbackLayer._derived_feedback`` and ``LayerwiseRule.feedback_parts``)."""
+    return layer._derived_feedback() if feedback is None else (feedback, None)
 
 
 class FeedbackLayer:
@@ -75,7 +76,7 @@ class FeedbackLayer:
             return self.feedback_weight()
         return None
 
-    def _derived_feedback(self) -> torch.Tensor:
+    def _derived_feedback(self):
         """Build a derived feedback (a function of W, e.g. h sign(W)) at backward time.
 
         It goes into a scratch tensor of W's shape that the layer keeps and overwrites at every
@@ -90,7 +91,7 @@ class FeedbackLayer:
             out = self.__dict__["_feedback_scratch"] = torch.empty(
                 weight.shape, dtype=weight.dtype, device=weight.device
             )
-        return self.rule.feedback(self, out=out)
+        return self.rule.feedback_parts(self, out=out)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"

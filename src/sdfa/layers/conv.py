@@ -42,10 +42,12 @@ class _ConvFeedback(Function):
                 stride, padding, dilation, transposed, output_padding, groups, mask,
             )
 
+        grad_x = None
         if need_x:
-            grad_x = conv_backward(backward_feedback(feedback, ctx.layer), [True, False, False])[0]
-        else:
-            grad_x = None
+            values, scale = backward_feedback(feedback, ctx.layer)
+            grad_x = conv_backward(values, [True, False, False])[0]
+            if scale is not None:
+                grad_x.mul_(scale)
         grad_w = grad_b = None
         if need_w or need_fb or need_b:
             _, grad_w, grad_b = conv_backward(weight, [False, need_w or need_fb, need_b])

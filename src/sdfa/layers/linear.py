@@ -29,7 +29,12 @@ class _LinearFeedback(Function):
         # Under autocast the output (so grad) is bfloat16 while x, W and B may be float32: work
         # in grad's dtype (autograd casts each returned gradient to its input's dtype).
         dtype = grad.dtype
-        grad_x = grad @ backward_feedback(feedback, ctx.layer).to(dtype) if need_x else None
+        grad_x = None
+        if need_x:
+            values, scale = backward_feedback(feedback, ctx.layer)
+            grad_x = grad @ values.to(dtype)
+            if scale is not None:
+                grad_x.mul_(scale)
         grad_w = grad_b = None
         if need_w or need_fb:
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)

@@ -33,7 +33,9 @@ def recurrent_cost(module: nn.RNNBase, in_shape: tuple, out_shape: tuple) -> Wor
         module.num_layers - 1
     )
     forward = sum(steps * rows * (i + hidden) for i in inputs)
-    inside = steps * rows * hidden * module.num_layers + sum(steps * rows * i for i in inputs[1:])
+    # the error reaches h_{t-1} at every step but the first (the initial state takes none)
+    recurrent = max(steps - 1, 0) * rows * hidden * module.num_layers
+    inside = recurrent + sum(steps * rows * i for i in inputs[1:])
     return Work(forward, update=forward + inside, error=steps * rows * inputs[0])
 
 
@@ -61,8 +63,9 @@ def encoder_layer_cost(module: nn.TransformerEncoderLayer, in_shape, out_shape) 
     attn = module.self_attn
     forward, update, error = _attention(attn.embed_dim, attn.kdim, attn.vdim, length)
     ffn = 2 * length * module.linear1.in_features * module.linear1.out_features
-    # the FFN's weight gradients, and the error from linear2 down to linear1 (inside the unit)
-    return Work(forward + ffn, update=update + ffn + ffn // 2, error=error)
+    # the FFN's weight gradients, and its errors inside the unit: linear2 -> linear1, and
+    # linear1 -> the attention's output (the FFN's input), which the attention learns from
+    return Work(forward + ffn, update=update + ffn + ffn, error=error)
 
 
 register_layer(nn.Embedding, cost=embedding_cost)

@@ -6,7 +6,9 @@ Each preset is a plain function registered with :func:`register_model` that retu
 
 from ..spiking import models as _spiking  # noqa: F401  (registers snn-mlp, snn-conv)
 from ..spiking import sfdfa as _sfdfa  # noqa: F401  (registers sfdfa-mlp, 'sfdfa', 'spike-count')
-from . import alexnet, crafton, lenet, mlp, resnet  # noqa: F401  (registers the presets)
+
+# importing each preset module registers its presets
+from . import alexnet, crafton, gcn, lenet, mlp, resnet, roy2025, sequence  # noqa: F401
 from .registry import MODELS, available_models, build_model, model_options, register_model
 
 __all__ = ["MODELS", "available_models", "build_model", "model_options", "register_model"]

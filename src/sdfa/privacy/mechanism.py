@@ -227,6 +227,11 @@ def analyse(
             f"method {method!r} needs DFA in chain mode (block outputs are the inputs of the "
             "trainable layers); convert without boundaries=[...]"
         )
+    if not config.after_output:  # the sensitivity bounds assume the error at the output
+        raise ValueError(
+            f"method {method!r} bounds the output error e = dL/dy: convert without "
+            "after_output=False"
+        )
     modules = dict(model.named_modules())
     dfa_layers = [name for name, rule in layer_rules.items() if rule == "dfa"]
     for name, module in modules.items():

@@ -15,12 +15,13 @@ def encode(x: torch.Tensor, steps: int, coding: str = "rate",
     * ``rate``: Bernoulli spikes with probability p = clamp(x, 0, 1) at every step;
     * ``latency``: one spike per feature at step round((1 - p) (T - 1)), none where p = 0;
     * ``current``: the value itself, fed as input current at every step;
-    * ``series``: ``x`` is (batch, channels, ..., T): its last axis is time (BasicMotions).
+    * ``series``: ``x`` is (batch, channels, T, features), one time step per row (BasicMotions,
+      SHD): the features of step t are the input at step t.
     """
     if coding not in CODINGS:
         raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
     if coding == "series":
-        return x.flatten(1, -2).transpose(1, 2)
+        return x.movedim(-2, 1).flatten(2)
     flat = x.flatten(1)
     if coding == "current":
         return flat.unsqueeze(1).expand(-1, steps, -1)

@@ -169,11 +169,11 @@ def snn_mlp(input_shape, num_classes, hidden=(100,), steps=25, coding="rate", re
             beta=0.9, threshold=1.0):
     """Encoder, ``hidden`` Linear+LIF layers, a Linear+LIF output layer and a readout
     (``count``: spike counts as logits; ``membrane``: the mean potential of non-spiking
-    output neurons). ``coding="series"`` reads (channels, ..., T) time series, T = their length."""
+    output neurons). ``coding="series"`` reads (channels, T, features) series, one step per row
+    (T = their length)."""
     _check(steps, readout)
     layers: list[nn.Module] = [SpikeEncoder(steps, coding)]
-    width = input_shape[0] * math.prod(input_shape[1:-1]) if coding == "series" else math.prod(
-        input_shape)
+    width = math.prod(input_shape) // (input_shape[-2] if coding == "series" else 1)
     for size in hidden:
         layers += [nn.Linear(width, size), LIF(beta, threshold)]
         width = size

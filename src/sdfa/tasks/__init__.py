@@ -9,10 +9,12 @@ name, and a data set names the task it is for (``DatasetSpec.task``).
 from ..registry import Registry
 from .base import Task
 from .classification import Classification
+from .language_model import LanguageModel
 
 TASKS: Registry[type[Task]] = Registry("task")
 register_task = TASKS.register
 register_task("classification", Classification)
+register_task("language-model", LanguageModel)
 
 
 def build_task(data, task: str | None = None, **options) -> Task:
@@ -21,4 +23,4 @@ def build_task(data, task: str | None = None, **options) -> Task:
     return TASKS.lookup(task or getattr(data, "task", "classification"))(data, **options)
 
 
-__all__ = ["TASKS", "Classification", "Task", "build_task", "register_task"]
+__all__ = ["TASKS", "Classification", "LanguageModel", "Task", "build_task", "register_task"]

@@ -19,6 +19,8 @@ class Task:
     headline: str | None = None
     #: the keys of :meth:`metrics` (summed over processes in a fixed order)
     sum_keys: tuple[str, ...] = ("loss_sum", "count")
+    #: the dtype of the model input (None: floating point; token ids: torch.long)
+    input_dtype: torch.dtype | None = None
 
     def __init__(self, data):
         self.data = data
@@ -27,6 +29,10 @@ class Task:
     def input_shape(self) -> tuple[int, ...]:
         """The shape of one model input (no batch), for sizing and pricing the model."""
         return tuple(self.data.input_shape)
+
+    def example_input(self, device) -> torch.Tensor:
+        """One zero input of batch size 1, for sizing and pricing the model."""
+        return torch.zeros(1, *self.input_shape, device=device, dtype=self.input_dtype)
 
     def prepare(self, batch, device: torch.device, *, train: bool):
         """A stored batch -> (model input, targets) on ``device``."""
