@@ -81,9 +81,11 @@ PIPELINES = {
     "dfa-frozen-features": ("conv", {"features": "frozen", "classifier": "dfa"}, {}, [1, 2], 2, 12),
 }
 # every registered rule, and sparse DFA
-# (fdfa and sfdfa learn B from each process's batch: refused, see test_fdfa.py)
+# (fdfa and sfdfa learn B from each process's batch: refused, see test_fdfa.py; dfa-gnn needs
+# graph layers)
 DATA_PARALLEL = {**{rule: (rule, {}) for rule in sorted(sdfa.RULES)
-                    if rule not in ("fdfa", "sfdfa")}, "dfa-k1": ("dfa", {"k": 1})}
+                    if rule != "fdfa" and not sdfa.RULES[rule].model_specific},
+                 "dfa-k1": ("dfa", {"k": 1})}
 
 
 def batches(model_name, steps=STEPS):
