@@ -52,6 +52,12 @@ def test_reproduce_tiny_set(tmp_path):
     reproduce(tiny_set(), out=out, quick=True, data_root=data_root, progress=False)
     assert summary.stat().st_mtime_ns == stamp  # finished runs are reused
 
+    changed = tiny_set()
+    changed.quick = {"train_samples": 96}  # the protocol changed since those runs finished
+    with pytest.raises(ValueError, match=r"bp/seed0 holds a finished run with other settings "
+                       r"\(train_samples: saved 64, now 96\): delete it"):
+        reproduce(changed, out=out, quick=True, data_root=data_root, progress=False)
+
 
 def test_error_sets_report_errors(tmp_path):
     error_set = tiny_set()

@@ -30,7 +30,7 @@ from ..models import MODELS
 from ..rules import RULES
 from ..specs import toml_value
 from ..training import TrainingDiverged
-from .config import config_from_dict
+from .config import config_from_dict, differences, load_toml
 from .plot import plot_runs, plot_sweep
 from .run import train
 
@@ -619,8 +619,18 @@ def _quick_values(chosen: ExperimentSet, exp: Experiment) -> dict:
 
 
 def _run(config, run_dir: Path) -> dict:
+    """The summary of the run of ``config`` in ``run_dir``: reused when it finished there with
+    the same settings, resumed when it was interrupted, else trained."""
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
+        saved = config_from_dict(load_toml(run_dir / "config.toml"))
+        changed = differences(saved, config)
+        if changed:  # the set's protocol changed since: never report the old run as the new one
+            details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"{run_dir} holds a finished run with other settings ({details}): delete it, "
+                "or pass another --out, to run the set as it is now"
+            )
         return json.loads(summary_path.read_text())
     return train(config, resume=(run_dir / "config.toml").exists())
 
