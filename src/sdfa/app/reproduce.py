@@ -513,17 +513,25 @@ SETS = {s.name: s for s in (_crafton2019(), _moskovitz2018(), _biotorch_benchmar
                             *_spiking_sets())}
 
 
-
-def _rram_adaptation(out, *, quick=False, seeds=None):
+def _rram_adaptation(out, *, quick=False, seeds=None, data_root=None, progress=True):
     from ..spiking import adaptation
 
-    return adaptation.run(out, quick=quick, seeds=seeds if isinstance(seeds, int) else None)
+    adaptation.run(out, quick=quick, seeds=seeds if isinstance(seeds, int) else None)
 
 
-# Experiments with their own protocol (not a table of training runs): name -> (title, runner).
+def _tifed(out, *, quick=False, seeds=None, data_root=None, progress=True):
+    from .tifed import reproduce_tifed  # integer federated training: no Trainer
+
+    reproduce_tifed(out=out, quick=quick, data_root=data_root, seeds=seeds, progress=progress)
+
+
+# Experiments with their own protocol (not a table of training runs): name -> (title, runner);
+# a runner writes OUT/results.md.
 PROTOCOLS = {
     "rram-adaptation": ("Online adaptation of a pre-trained SNN on a simulated RRAM crossbar: "
                         "DFA vs BP (Bhattacharjee et al. 2025)", _rram_adaptation),
+    "tifed": ("TIFeD: integer-only federated DFA (Colombo et al. 2023), full-network and "
+              "single-layer", _tifed),
 }
 
 # -- running ----------------------------------------------------------------------------------
@@ -548,14 +556,10 @@ def reproduce(
         overrides: config values applied to every run (e.g. {"threads": 1, "device": "cuda"};
             {"download": True} fetches missing data sets).
     """
-    if experiment_set == "tifed":  # integer federated training: its own runner (no Trainer)
-        from .tifed import reproduce_tifed
-
-        return reproduce_tifed(out=out, quick=quick, data_root=data_root, seeds=seeds,
-                               progress=progress)
     if isinstance(experiment_set, str) and experiment_set in PROTOCOLS:  # not a set of runs
         out = Path(out or Path("reproduce") / (experiment_set + ("-quick" if quick else "")))
-        PROTOCOLS[experiment_set][1](out, quick=quick, seeds=seeds)
+        PROTOCOLS[experiment_set][1](out, quick=quick, seeds=seeds, data_root=data_root,
+                                     progress=progress)
         return out / "results.md"
     chosen = _lookup(experiment_set)
     out = Path(out or Path("reproduce") / (chosen.name + ("-quick" if quick else "")))
@@ -639,7 +643,7 @@ def _lookup(experiment_set) -> ExperimentSet:
     if isinstance(experiment_set, ExperimentSet):
         return experiment_set
     if experiment_set not in SETS:
-        names = ", ".join([*SETS, "tifed"])
+        names = ", ".join([*SETS, *PROTOCOLS])
         raise ValueError(f"unknown experiment set {experiment_set!r}; available: {names}")
     return SETS[experiment_set]
 
@@ -819,6 +823,5 @@ def describe_sets() -> str:
     """One line per set, for ``sdfa reproduce --list``."""
     lines = [f"{s.name:20s} {s.title}" for s in SETS.values()]
     lines += [f"{name:20s} {title}" for name, (title, _) in PROTOCOLS.items()]
-    return "\n".join(lines + [f"{'tifed':20s} TIFeD: integer-only federated DFA (Colombo et al. "
-                               "2023), full-network and single-layer"])
+    return "\n".join(lines)
 
