@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ..training import TrainingDiverged
 from .config import config_from_dict, differences, load_toml
 from .plot import plot_runs, plot_sweep
 from .run import train
+from .rundir import slug
 
 
 @dataclass
@@ -578,7 +578,7 @@ def reproduce(
         if _data_dir(data_root, values["dataset"]) is not None:
             values["data_dir"] = str(_data_dir(data_root, values["dataset"]))
         for seed in _seeds(seeds, exp):
-            run_dir = out / _slug(exp.run_group or exp.group) / _slug(exp.label) / f"seed{seed}"
+            run_dir = out / slug(exp.run_group or exp.group) / slug(exp.label) / f"seed{seed}"
             config = config_from_dict({**values, "seed": seed, "out": str(run_dir),
                                        "progress": progress})
             if progress:
@@ -683,10 +683,6 @@ def _data_dir(data_root, dataset: str) -> Path | None:
     return Path(data_root) / dataset if data_root is not None and dataset not in EMBEDDED else None
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -763,7 +759,7 @@ def render(
     if figures:
         lines += ["", "## Learning curves", ""]
         for group, dirs in figures:
-            png = plot_runs(dirs, out / f"curves-{_slug(group)}.png", title=group)
+            png = plot_runs(dirs, out / f"curves-{slug(group)}.png", title=group)
             lines.append(f"![{group}]({png.name})")
     return "\n".join(lines) + "\n"
 
@@ -800,7 +796,7 @@ def _sweep_section(chosen: ExperimentSet, outcomes: list[Outcome], out: Path) ->
                          f"{' | '.join([_mean_sd(values)] * len(xs))} |")
         if chosen.sweep_reference in references:
             lines += ["", *_one_point_lost(series, harsher, references, chosen.sweep_reference)]
-        png = plot_sweep(series, references, out / f"sweep-{_slug(group)}.png", x_label=key,
+        png = plot_sweep(series, references, out / f"sweep-{slug(group)}.png", x_label=key,
                          title=group)
         lines += ["", f"![{group}]({png.name})"]
     return lines

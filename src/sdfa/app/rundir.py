@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def check_fresh(path: Path) -> None:
             f"{path} already exists and is not empty: pass --resume to continue that run, "
             "or choose another --out"
         )
+
+
+def slug(text: str) -> str:
+    """``text`` as a folder name: lower case, each run of other characters one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def default_path(parts: list[str], settings: str) -> Path:

@@ -134,7 +134,7 @@ def reproduce_tifed(*, out=None, quick=False, data_root=None, seeds=None, progre
                 config = replace(FedConfig(mode=mode, workers=workers, seed=seed), **values)
                 slug = f"{config.rule}-{mode}-" + (f"inv{config.lr_inv}" if config.rule ==
                                                    "integer" else f"lr{config.lr:g}")
-                run_dir = out / _slug(group.title) / slug / f"seed{seed}"
+                run_dir = out / slug(group.title) / slug / f"seed{seed}"
                 done = run_dir / "result.json"
                 if done.exists():
                     result = json.loads(done.read_text())
@@ -157,12 +157,6 @@ def reproduce_tifed(*, out=None, quick=False, data_root=None, seeds=None, progre
         f" --data-dir {data_root}" if data_root is not None else "")
     results_md.write_text(render(rows, missing, quick, command))
     return results_md
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _median_range(values: list[float]) -> str:

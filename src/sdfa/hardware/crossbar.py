@@ -36,15 +36,17 @@ the array), ``forward(x)`` is one analog matrix-vector product per row of x, and
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..feedback import check_seed
+from .options import DeviceOptions
 
 
 @dataclasses.dataclass(frozen=True)
-class CrossbarOptions:
+class CrossbarOptions(DeviceOptions):
     """The physical parameters of a crossbar (docs/hardware.md gives each default's source).
 
     bits: conductance levels per cell, ``2**bits`` (None: analog, no rounding).
@@ -56,6 +58,8 @@ class CrossbarOptions:
     adc_range: ADC full scale in output units (None: set per read from the batch's largest value).
     input_bits: input DAC resolution (None: analog inputs).
     """
+
+    device: ClassVar[str] = "crossbar"
 
     bits: int | None = 4
     g_min: float = 1.0
@@ -93,18 +97,6 @@ class CrossbarOptions:
         if self.adc_range is not None and not self.adc_range > 0:
             raise ValueError(f"crossbar adc_range must be > 0 or None; got {self.adc_range!r}")
 
-    @classmethod
-    def from_dict(cls, options: dict | None) -> CrossbarOptions:
-        """Options from a plain dict; a clear error names any unknown key."""
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown crossbar option(s) {', '.join(unknown)}; "
-                f"options: {', '.join(sorted(known))}"
-            )
-        return cls(**options)
 
 
 def quantize_signed(x: torch.Tensor, full_scale: torch.Tensor, bits: int | None) -> torch.Tensor:

@@ -40,16 +40,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
 from ..feedback import DirectFeedback
+from .options import DeviceOptions
 
 ENCODINGS = ("ternary", "bitplanes")
 
 
 @dataclasses.dataclass(frozen=True)
-class OpticalOptions:
+class OpticalOptions(DeviceOptions):
     """Physical parameters of the simulated OPU (docs/hardware.md gives each default's source).
 
     encoding: "bitplanes" or "ternary" (TinyDFA; it did not learn in our runs, docs/hardware.md).
@@ -61,6 +63,8 @@ class OpticalOptions:
     exposure: fixed full scale in intensity units (None: auto-exposure per batch of frames).
     anchor: anchor pixels of the recovery scheme (None: as many as the error has entries).
     """
+
+    device: ClassVar[str] = "optical"
 
     encoding: str = "bitplanes"
     threshold: float = 0.1
@@ -92,17 +96,6 @@ class OpticalOptions:
         if self.exposure is not None and not self.exposure > 0:
             raise ValueError(f"optical exposure must be > 0 or None; got {self.exposure!r}")
 
-    @classmethod
-    def from_dict(cls, options: dict | None) -> OpticalOptions:
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown optical option(s) {', '.join(unknown)}; "
-                f"options: {', '.join(sorted(known))}"
-            )
-        return cls(**options)
 
 
 def ternarize(e: torch.Tensor, threshold: float) -> torch.Tensor:
