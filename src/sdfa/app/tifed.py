@@ -132,9 +132,9 @@ def reproduce_tifed(*, out=None, quick=False, data_root=None, seeds=None, progre
             results = []
             for seed in seed_list:
                 config = replace(FedConfig(mode=mode, workers=workers, seed=seed), **values)
-                slug = f"{config.rule}-{mode}-" + (f"inv{config.lr_inv}" if config.rule ==
+                name = f"{config.rule}-{mode}-" + (f"inv{config.lr_inv}" if config.rule ==
                                                    "integer" else f"lr{config.lr:g}")
-                run_dir = out / slug(group.title) / slug / f"seed{seed}"
+                run_dir = out / slug(group.title) / name / f"seed{seed}"
                 done = run_dir / "result.json"
                 if done.exists():
                     result = json.loads(done.read_text())
