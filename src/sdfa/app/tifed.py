@@ -19,6 +19,7 @@ import torch
 from .._version import __version__
 from ..data import DataError, is_present, load_dataset, missing_message
 from ..integer import FedConfig, federate, to_int8
+from .rundir import slug
 
 # The repo's medians of 100 runs' best accuracy at the best 1/eta (full-network / single-layer).
 PUBLISHED = {"mnist": (93.3, 91.1), "fashion-mnist": (84.4, 82.6)}
