@@ -98,3 +98,17 @@ def test_every_experiment_names_a_registered_model_rule_and_data_set(name):
         assert config.model in MODELS, (exp.group, config.model)
         assert config.rule in RULES, (exp.group, config.rule)
         assert config.dataset in DATASETS or is_graph(config.dataset), (exp.group, config.dataset)
+
+
+def test_bacho2024_report_tabulates_the_runs_alignment(tmp_path):
+    from sdfa.app.bacho2024 import alignment_section
+
+    run = tmp_path / "digits-lif" / "fdfa-per-step" / "seed0"
+    run.mkdir(parents=True)
+    # four logged steps: the table averages the second half (steps 3 and 4) of each layer
+    rows = ["step,align/angle/1,align/angle/3", "1,80,0", "2,70,0", "3,10,0", "4,20,0"]
+    (run / "alignment.csv").write_text("\n".join(rows) + "\n")
+    lines = alignment_section([], tmp_path)
+    assert lines[1] == "## Alignment of the hidden updates with the true gradient"
+    assert "| digits-lif | fdfa-per-step | 1: 15.0, 3: 0.0 |" in lines[-1].splitlines()
+    assert SETS["bacho2024"].report is alignment_section

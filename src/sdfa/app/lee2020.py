@@ -28,8 +28,8 @@ from ..privacy.training import PrivacyCallback
 from ..training import Callback
 from .build import build_model, callbacks_for, seed_everything
 from .config import config_from_dict
-from .reproduce import LEE2020_METHODS, SETS
 from .run import build_trainer
+from .sets import LEE2020_METHODS, SETS
 
 # The grid of --tune: each learning rate, expected batch size and epoch count, with each
 # method's clipping choices.

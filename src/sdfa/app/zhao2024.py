@@ -40,7 +40,7 @@ LAUNAY = {"model": "gcn", "model_options": {"layers": 2, "hidden": 16, "dropout"
 
 
 def experiments() -> list[tuple[str, str, dict, tuple[int, ...]]]:
-    """(group, label, config, seeds) of every run of the set (reproduce.py makes them
+    """(group, label, config, seeds) of every run of the set (sets.py makes them
     Experiments: this module imports nothing of it)."""
     exps = []
     for group, dataset, options, epochs, splits in GRAPHS:

@@ -1,7 +1,13 @@
-"""The spiking experiment sets of ``sdfa reproduce``: ``bacho2024`` (SFDFA, FDFA, DFA on
-spiking networks) and ``rram-adaptation`` (see :mod:`sdfa.spiking.adaptation`)."""
+"""``sdfa reproduce bacho2024``: SFDFA, FDFA and DFA on spiking networks (Bacho & Chu 2024);
+its results.md ends with the alignment of each run's updates to the true gradient.
+(``rram-adaptation`` is its own protocol: :mod:`sdfa.spiking.adaptation`.)"""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .experiments import Experiment, ExperimentSet
 
 # The SFDFA repo's protocol (experiments/FashionMNIST/train_fc.py): Adam 3e-3, batch 50,
 # 50 epochs, spike-count targets 15 / 3, rate regulariser 0.3 towards 0.4 spikes per neuron.
@@ -24,8 +30,8 @@ def _surrogate_rules():
                                                                "feedback_lr": 1e-3}})]
 
 
-def bacho2024(Experiment, ExperimentSet, quick_defaults):
-    """The set ``bacho2024`` (built with reproduce's Experiment classes)."""
+def bacho2024(quick_defaults: dict) -> ExperimentSet:
+    """The set ``bacho2024``."""
     exps = []
     fashion = {**SPIKE_TIME, "dataset": "fashion-mnist", "epochs": 50,
                "model_options": {"hidden": [400, 400]}}
@@ -72,6 +78,7 @@ def bacho2024(Experiment, ExperimentSet, quick_defaults):
         "Surrogate-gradient LIF networks (snntorch): Adam 1e-3, FDFA's B learning rate 1e-3; "
         "BasicMotions fed as input current, one step per sample of the series.",
         quick=quick_defaults,
+        report=alignment_section,
     )
 
 
@@ -79,9 +86,6 @@ def alignment_table(out_dir) -> str:
     """Mean angle (degrees) between each run's update and the true gradient, per layer, over
     the second half of its logged steps: a Markdown table of every ``alignment.csv`` under a
     ``sdfa reproduce bacho2024`` output folder (the claim: FDFA below DFA)."""
-    import csv
-    from pathlib import Path
-
     rows = []
     for path in sorted(Path(out_dir).glob("**/alignment.csv")):
         with path.open() as f:
@@ -96,3 +100,9 @@ def alignment_table(out_dir) -> str:
                     + ", ".join(f"{k}: {v:.1f}" for k, v in angles.items()) + " |")
     return "\n".join(["| group | rule | mean angle to the true gradient (deg), per layer |",
                       "|---|---|---|", *rows])
+
+
+def alignment_section(outcomes, out) -> list[str]:
+    """results.md's closing section: :func:`alignment_table` of the runs."""
+    return ["", "## Alignment of the hidden updates with the true gradient", "",
+            alignment_table(out)]
