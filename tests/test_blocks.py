@@ -611,6 +611,13 @@ def test_costs_count_per_position_feedback():
     assert sparse.layers[0].error == sparse.layers[0].gather == positions * 10
     flat = sdfa.costs(net, "dfa", (positions, 6))  # one (C T, N T) matrix over the sequence
     assert flat.layers[0].error == (positions * 4) * (positions * 10)
+    # "sum": the error summed over the positions is projected once per sample, then handed to
+    # every position unchanged (a copy, no MACs); the sum still reads every position's error
+    summed = sdfa.costs(net, "dfa", (positions, 6), per_position="sum")
+    assert summed.layers[0].error == 4 * 10 and summed.layers[0].neurons == positions * 10
+    assert summed.layers[0].error_values == dense.layers[0].error_values
+    assert summed.layers[0].weight_values == dense.layers[0].weight_values / positions
+    assert "once, of the error summed over 5 positions" in summed.layers[0].via
 
 
 def test_costs_of_recurrent_units_and_a_clear_refusal():

@@ -485,7 +485,11 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], input_dtype=None):
         ) from err
     direct = {n: m for n, m in model.named_modules() if isinstance(m, DirectFeedback)}
     config = dfa_config(model)
-    positions = dict(config.positions) if config is not None else {}
+    # per block output: (positions, projections e B_l per sample); per_position="sum" projects
+    # the error summed over the positions once and hands the same result to every position
+    once = config is not None and config.per_position == "sum"
+    positions = {label: (n, 1 if once else n)
+                 for label, n in (config.positions if config is not None else {}).items()}
     return calls, direct, positions, finished, rules_of(model)
 
 
@@ -505,7 +509,8 @@ def _work(call: _Call) -> Work:
     return entry.cost(call.module, call.in_shape, call.out_shape)
 
 
-def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dict[str, int],
+def _price(calls: list[_Call], direct: dict[str, DirectFeedback],
+           positions: dict[str, tuple[int, int]],
            finished: dict[str, int], layer_rules: dict[str, str]) -> list[LayerCost]:
     rows: dict[str, LayerCost] = {}
 
@@ -551,16 +556,17 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback], positions: dic
         target = row(label)
         target.rule = target.rule or "dfa"
         macs, gather, errors, weights, target.via = _direct_cost(feedback)
-        at = positions.get(label, 1)  # per_position: e B_l at every position
+        at, projections = positions.get(label, (1, 1))  # per_position: e B_l at every position
         if label in positions:
-            target.via += f" at {at:,} positions"
+            target.via += (f" at {at:,} positions" if projections == at
+                           else f" once, of the error summed over {at:,} positions")
         target.neurons = feedback.shape[1] * at
-        target.error += macs * at
+        target.error += macs * projections
         if RULE_COSTS.get(layer_rules.get(label, "dfa"), RULE_COSTS["dfa"]).tangent:
-            target.error += math.prod(feedback.shape) * at  # mean_batch(d u^T)
-        target.gather += gather * at
-        target.error_values += errors * at
-        target.weight_values += weights * at
+            target.error += math.prod(feedback.shape) * projections  # mean_batch(d u^T)
+        target.gather += gather * projections
+        target.error_values += errors * at  # the sum over the positions reads every error
+        target.weight_values += weights * projections
 
     if calls:  # the output layer gets its error from the loss
         last = rows[calls[-1].name]
