@@ -61,9 +61,23 @@ def test_fdfa_trains_and_keeps_its_state():
         model(x)  # evaluation does not touch B
     model.eval()(x)
     assert torch.equal(sdfa.feedback_matrices(model)["0"], B)
-    copy = sdfa.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), "fdfa")
+    copy = sdfa.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), "fdfa",
+                         feedback_lr=0.01)
     copy.load_state_dict(model.state_dict())
     assert torch.equal(sdfa.feedback_matrices(copy)["0"], B)
+    # the perturbation generator's state comes along: the next step draws the same u in both
+    # (a resumed run continues exactly as an uninterrupted one)
+    for net in (model, copy):
+        net.train().zero_grad()
+        F.cross_entropy(net(x), y).backward()
+    assert torch.equal(sdfa.feedback_matrices(copy)["0"], sdfa.feedback_matrices(model)["0"])
+    assert torch.equal(copy[0].weight.grad, model[0].weight.grad)
+    fresh = sdfa.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), "fdfa",
+                         feedback_lr=0.01)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if "sdfa_perturbations" not in k}, strict=False)
+    F.cross_entropy(fresh(x), y).backward()  # the seed's first u, not the trained run's next u
+    assert not torch.equal(sdfa.feedback_matrices(fresh)["0"], sdfa.feedback_matrices(model)["0"])
     with pytest.raises(ValueError, match="feedback_lr"):
         sdfa.convert(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), "fdfa", feedback_lr=0)
     with pytest.raises(ValueError, match="unknown option"):

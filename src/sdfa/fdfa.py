@@ -45,6 +45,24 @@ class LearnedFeedback(fb.DenseFeedback):
         self.weight.addcdiv_(self.exp_avg, denom, value=-lr / (1 - betas[0] ** t))
 
 
+PERTURBATIONS_ATTR = "sdfa_perturbations"
+
+
+class Perturbations(nn.Module):
+    """The generator of the perturbations u, as a module of the model: its state travels in the
+    state_dict, so a resumed run draws the same u as an uninterrupted one."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.generator = generator
+
+    def get_extra_state(self):
+        return {"state": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        self.generator.set_state(state["state"])
+
+
 class ForwardDirectFeedbackAlignment(DirectFeedbackAlignment):
     """DFA's hooks plus the dual-number forward pass that teaches B (created by ``convert``)."""
 
@@ -60,6 +78,8 @@ class ForwardDirectFeedbackAlignment(DirectFeedbackAlignment):
         self.generator = fb.generator(seed, "fdfa perturbations")
         self.model_ref = model
         super().__init__(model, layers, seed=seed, **options)
+        # kept on the output unit (a leaf: a container's forward would call a module added to it)
+        self.modules[self.output_name].add_module(PERTURBATIONS_ATTR, Perturbations(self.generator))
 
     def _start(self, module, args):
         super()._start(module, args)
