@@ -98,11 +98,13 @@ def _add_rule_shorthands(parser) -> None:
 def _rules(args) -> int:
     from ..rules import RULES
 
+    width = max(map(len, RULES)) + 1
     for name in sorted(RULES):
         rule = RULES[name]
         options = ", ".join(f"{k}={v!r}" for k, v in rule.options.items()) or "no options"
-        print(f"{name:6s} {rule.__doc__.strip().splitlines()[0]}")
-        print(f"       paper: {rule.paper}; options: {options}")
+        summary = " ".join(rule.__doc__.strip().split("\n\n")[0].split())  # the first paragraph
+        print(f"{name:{width}s}{summary}")
+        print(f"{'':{width}s}paper: {rule.paper}; options: {options}")
     print(f"\nGive a rule with its options as a spec: {RULE_SPEC_HELP}.")
     return 0
 
