@@ -177,3 +177,16 @@ def test_reproduce_takes_data_dir_and_a_list_of_seeds(tmp_path, monkeypatch):
     assert (seen["data_root"], seen["seeds"]) == ("D", [3, 4])
     assert main(["reproduce", "crafton2019", "--data-root", "E", "--seeds", "2"]) == 0
     assert (seen["data_root"], seen["seeds"]) == ("E", 2)
+
+
+def test_rules_lists_every_rule_with_its_summary_paper_and_options(capsys):
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    width = max(map(len, sdfa.RULES)) + 1
+    for name, rule in sdfa.RULES.items():
+        line = next(x for x in out.splitlines() if x.startswith(f"{name} "))
+        assert line[width - 1] == " " and line[width] != " "  # one column for every name
+        assert line[width:].split()[0] == rule.__doc__.split()[0]
+        assert f"paper: {rule.paper}; options:" in out
+    # the whole first paragraph, not a first line cut mid-sentence
+    assert "the SFDFA code's DFA baseline)." in out
