@@ -26,12 +26,12 @@ from torch import nn
 from .ops import (
     INT8_MAX,
     INT8_MIN,
-    PLA_PIECES,
     SHRT_MAX,
     checked,
     floor_div,
     isqrt,
     matmul,
+    pla_pieces,
     pla_tanh,
     require_integer,
 )
@@ -244,13 +244,8 @@ class IntegerTanh(nn.Module):
     def forward(self, pre: torch.Tensor) -> torch.Tensor:
         v = torch.floor(pre / (256 * self.fan_in))
         y = torch.zeros_like(v)
-        upper = None
-        for lower, num, den, offset, _ in PLA_PIECES:
-            inside = torch.ones_like(v, dtype=torch.bool) if lower is None else v >= lower
-            if upper is not None:
-                inside &= v < upper
+        for inside, (_, num, den, offset, _) in pla_pieces(v):
             y = torch.where(inside, torch.floor(v * num / den) + offset, y)
-            upper = lower
         return y
 
     def extra_repr(self) -> str:

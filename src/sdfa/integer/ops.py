@@ -82,15 +82,22 @@ def pla_tanh(pre: torch.Tensor, fan_in: int) -> tuple[torch.Tensor, torch.Tensor
     v = floor_div(pre.to(torch.int64), 256 * fan_in)
     y = torch.zeros_like(v)
     inv = torch.zeros_like(v)
+    for inside, (_, num, den, offset, inverse) in pla_pieces(v):
+        y = torch.where(inside, floor_div(v * num, den) + offset, y)
+        inv = torch.where(inside, inverse, inv)
+    return y.to(torch.int32), inv.to(torch.int32)
+
+
+def pla_pieces(v: torch.Tensor):
+    """(mask of the entries of ``v`` on the piece, the piece of :data:`PLA_PIECES`), per piece."""
     upper = None
-    for lower, num, den, offset, inverse in PLA_PIECES:
+    for piece in PLA_PIECES:
+        lower = piece[0]
         inside = torch.ones_like(v, dtype=torch.bool) if lower is None else v >= lower
         if upper is not None:
             inside &= v < upper
-        y = torch.where(inside, floor_div(v * num, den) + offset, y)
-        inv = torch.where(inside, inverse, inv)
+        yield inside, piece
         upper = lower
-    return y.to(torch.int32), inv.to(torch.int32)
 
 
 def average(total: torch.Tensor, count: int) -> torch.Tensor:
