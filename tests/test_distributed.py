@@ -534,6 +534,25 @@ def _load_mnist(directory):
     sdfa.data.load_dataset("mnist", directory)
 
 
+def test_a_rank_that_lost_its_peer_does_not_hide_the_cause():
+    # Rank 0 hosts the rendezvous: when it stops on bad input at once, rank 1 may fail to finish
+    # joining (connection reset) -- a consequence, not a second error.
+    from sdfa.distributed.launch import _failure
+
+    bad = ValueError("data set 'mnist' was not found")
+    peer = ("PeerFailure: rank 1 of 2: cannot reach the rendezvous", None, True)
+    assert _failure(2, [(0, 1), (1, 1)], {0: ("ValueError: ...", bad, False), 1: peer}) is bad
+    assert _failure(2, [(0, 1), (1, 1)], {0: ("ValueError: ...", bad, False),
+                                          1: ("ValueError: ...", bad, False)}) is bad
+    for reports in ({0: ("ValueError: ...", bad, False)},  # rank 1 killed: no report
+                    {0: ("ValueError: ...", bad, False),
+                     1: ("ValueError: other", ValueError("other"), False)},
+                    {0: peer, 1: peer}):
+        failure = _failure(2, [(0, 1), (1, -9)], reports)
+        assert isinstance(failure, ProcessFailure) and "2 of 2 processes failed" in str(failure)
+    assert _failure(2, [], {}) is None
+
+
 # -- the training tool: sdfa train --nproc 2 ------------------------------------------------------
 
 RUN = {"epochs": 2, "train_samples": 256, "threads": 1, "progress": False, "tensorboard": False}

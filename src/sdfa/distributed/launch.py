@@ -192,17 +192,32 @@ def spawn(fn, nproc: int, args: tuple = (), *, backend: str | None = None,
     for p in procs:
         p.join()
     held.close()
-    messages, bad_input = {}, {}
+    reports = {}
     while not errors.empty():
-        rank, message, error = errors.get()
-        messages[rank], bad_input[rank] = message, error
-    failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode != 0]
-    raised = [bad_input.get(rank) for rank, _ in failed]
+        rank, *report = errors.get()
+        reports[rank] = report
+    failure = _failure(nproc, [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0],
+                       reports)
+    if failure is not None:
+        raise failure from None
+
+
+def _failure(nproc: int, failed: list[tuple[int, int]], reports: dict) -> Exception | None:
+    """What ``spawn`` raises for the failed ``(rank, exit code)``s, given each rank's report
+    ``(message, portable ValueError or None, lost a peer)``.
+
+    A rank that lost a peer (its rendezvous or a message broke because another rank stopped)
+    failed as a consequence: when every other failed rank raised the same ValueError (bad
+    settings or data), that error is the cause, raised once."""
+    causes = [r for r, _ in failed if not reports.get(r, (None, None, False))[2]]
+    raised = [reports[r][1] if r in reports else None for r in causes]
     if raised and None not in raised and len({str(e) for e in raised}) == 1:
-        raise raised[0] from None  # every rank found the same bad input
+        return raised[0]  # every rank that stopped on its own found the same bad input
     if failed:
-        lines = [f"rank {r}: {messages.get(r) or _describe_exit(code)}" for r, code in failed]
-        raise ProcessFailure(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
+        lines = [f"rank {r}: {reports[r][0] if r in reports else _describe_exit(code)}"
+                 for r, code in failed]
+        return ProcessFailure(f"{len(failed)} of {nproc} processes failed:\n" + "\n".join(lines))
+    return None
 
 
 def _context():
@@ -259,7 +274,7 @@ def _worker(rank, env, backend, timeout, fn, args, errors, lifeline):
         bad_input = _portable(err) if isinstance(err, ValueError) else None
         if bad_input is None:  # bad settings or data are one line, which the launcher prints
             traceback.print_exc()
-        errors.put((rank, f"{type(err).__name__}: {err}", bad_input))
+        errors.put((rank, f"{type(err).__name__}: {err}", bad_input, isinstance(err, PeerFailure)))
         sys.stdout.flush()
         os._exit(1)
     finally:
