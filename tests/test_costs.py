@@ -73,6 +73,9 @@ def test_hand_counted_mlp(rule, options):
 def test_feedback_kept_per_step():
     # usf recomputes scale * sign(W) of the layers that send an error down (5x4 and 4x2) each step.
     assert costs(tiny_mlp(), "usf", (3,)).total.feedback_per_step == 20 + 8
+    # refresh=N rebuilds B every N steps: 1/N of it per step (rounded up per layer)
+    assert costs(tiny_mlp(), "frsf", (3,), refresh=4).total.feedback_per_step == 5 + 2
+    assert costs(tiny_mlp(), "usf", (3,), refresh=3).total.feedback_per_step == 7 + 3
     assert costs(tiny_mlp(), "fa", (3,)).total.feedback_per_step == 0
     assert costs(tiny_mlp(), "dfa", (3,)).total.feedback_per_step == 0
     # wm: a mirror step per step for the layers that send an error down, 2 x samples x weights

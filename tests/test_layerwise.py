@@ -464,7 +464,11 @@ def test_wm_feedback_converges_to_w():
         ("wm", {"samples": 0}, "samples must be a positive integer"),
         ("wm", {"rate": 0}, r"rate must be a number in \(0, 1\]"),
         ("wm", {"rate": 1.5}, r"rate must be a number in \(0, 1\]"),
-        ("usf", {"k": 1}, "unknown option.*k.*they take: scale"),
+        ("usf", {"k": 1}, "unknown option.*k.*they take: refresh, scale"),
+        ("usf", {"refresh": 0}, "refresh must be a whole number >= 1"),
+        ("frsf", {"refresh": 2.5}, "refresh must be a whole number >= 1"),
+        ("usf", {"refresh": True}, "refresh must be a whole number >= 1"),
+        ("brsf", {"refresh": 2}, "unknown option.*refresh.*they take: scale$"),
     ],
 )
 def test_bad_options_raise_clear_errors(rule, options, message):
@@ -693,3 +697,88 @@ def test_noise_stream_survives_a_checkpoint(rule):
     train(resumed, 2)
     for a, b in zip(reference.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+# -- refresh: sign feedback rebuilt every N steps -----------------------------------------------
+
+
+def refresh_net(rule, refresh):
+    """A 4-6-5-3 tanh MLP under ``rule`` (refresh None: the option not given)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    return sdfa.convert(net, rule, seed=1, **({} if refresh is None else {"refresh": refresh}))
+
+
+def refresh_steps(model, steps, start=0):
+    """SGD steps on seeded batches; per step: W of layers 2 and 4 before the step, and for each
+    of them (gradient at its output, gradient it sent to its input)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    log = []
+    for i in range(start, start + steps):
+        gen = torch.Generator().manual_seed(i)
+        x, y = torch.randn(7, 4, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+        h1 = model[1](model[0](x))
+        a2 = model[2](h1)
+        h2 = model[3](a2)
+        out = model[4](h2)
+        for t in (h1, a2, h2, out):
+            t.retain_grad()
+        weights = [model[2].weight.detach().clone(), model[4].weight.detach().clone()]
+        opt.zero_grad()
+        F.cross_entropy(out, y).backward()
+        log.append((weights, [(a2.grad, h1.grad), (out.grad, h2.grad)]))
+        opt.step()
+    return log
+
+
+@pytest.mark.parametrize("rule", ["usf", "frsf"])
+def test_refresh_rebuilds_b_from_w_every_n_steps(rule):
+    """refresh=3: steps 0-2 send delta @ B with B = h M sign(W) of step 0, steps 3-5 with B of
+    step 3 (the input gradient of each layer, by hand from the W saved at those steps)."""
+    model = refresh_net(rule, 3)
+    log = refresh_steps(model, 6)
+    for step, (_, grads) in enumerate(log):
+        built = log[3 * (step // 3)][0]
+        for k, layer in enumerate((model[2], model[4])):
+            w = built[k]
+            b = rms(w) * getattr(layer, "magnitude", 1.0) * torch.sign(w)
+            delta, sent = grads[k]
+            torch.testing.assert_close(sent, delta @ b, rtol=1e-14, atol=0)
+        if step % 3:  # in between, B differs from what W of this step would give
+            w = log[step][0][0]
+            b_now = rms(w) * getattr(model[2], "magnitude", 1.0) * torch.sign(w)
+            assert not torch.allclose(grads[0][1], grads[0][0] @ b_now, rtol=1e-12, atol=0)
+    assert model[2].feedback_age == 6
+    assert "_held_feedback" not in model[0].__dict__  # the first layer sends nothing down
+    # what alignment reads is the B in use, not one rebuilt from W now
+    assert model[2].feedback_weight() is model[2].__dict__["_held_feedback"]
+
+
+@pytest.mark.parametrize("rule", ["usf", "frsf"])
+def test_refresh_one_is_the_default_rule(rule):
+    a, b = refresh_net(rule, 1), refresh_net(rule, None)
+    for (_, ga), (_, gb) in zip(refresh_steps(a, 3), refresh_steps(b, 3)):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["usf", "frsf"])
+def test_refresh_survives_a_checkpoint(rule):
+    """Resumed mid-window (step 4 of refresh=3) from a state_dict, training goes on with the held
+    B of step 3, exactly as a run never stopped; a damaged extra state is refused."""
+    reference = refresh_net(rule, 3)
+    refresh_steps(reference, 7)
+    first = refresh_net(rule, 3)
+    refresh_steps(first, 4)
+    state = first.state_dict()
+    resumed = refresh_net(rule, 3)
+    resumed.load_state_dict(state)
+    refresh_steps(resumed, 3, start=4)
+    for key, value in reference.state_dict().items():
+        assert same_state(value, resumed.state_dict()[key]), key
+    bad = dict(state)
+    bad["2._extra_state"] = {**state["2._extra_state"], "held_feedback": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="held_feedback .* W's shape"):
+        refresh_net(rule, 3).load_state_dict(bad)
+    bad["2._extra_state"] = {**state["2._extra_state"], "feedback_age": -1}
+    with pytest.raises(ValueError, match="feedback_age .* count >= 0"):
+        refresh_net(rule, 3).load_state_dict(bad)

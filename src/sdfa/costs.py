@@ -542,8 +542,9 @@ def _price(calls: list[_Call], direct: dict[str, DirectFeedback],
             target.error += work.error
             target.error_values += work.connections
             target.weight_values += work.connections
-            if cost.rewrites:
-                own.feedback_per_step += call.module.weight.numel()
+            if cost.rewrites:  # usf/frsf with refresh=N rebuild B every N steps: 1/N per step
+                refresh = getattr(call.module.rule, "refresh", 1)
+                own.feedback_per_step += -(-call.module.weight.numel() // refresh)
             if cost.mirror:
                 samples = call.module.rule.config["samples"]
                 own.feedback_macs_per_step += 2 * samples * call.module.weight.numel()

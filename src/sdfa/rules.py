@@ -280,34 +280,69 @@ class FA(LayerwiseRule):
         return layer.feedback, None
 
 
+class SignConcordant(LayerwiseRule):
+    """Base of the rules whose B is built from sign(W) at every step (usf, frsf).
+
+    ``refresh=N`` (default 1) rebuilds B from W only every N backward passes of a layer and holds
+    it in between: the passes over W that build B (sign, the RMS amplitude, frsf's product with
+    M) then cost 1/N of their per-step price, and B lags W by at most N - 1 steps. The held B
+    and the count travel in the state_dict (the layer's extra state), so a resumed run uses the
+    same B at every step as an uninterrupted one.
+    """
+
+    options = {"scale": None, "refresh": 1}
+    learned_feedback = False
+    derived_feedback = True
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        refresh = self.refresh
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(
+                f"rule {self.name!r}: refresh must be a whole number >= 1 (rebuild B from W "
+                f"every that many steps); got {refresh!r}"
+            )
+
+    @property
+    def refresh(self) -> int:
+        return self.config.get("refresh", 1)
+
+    def setup(self, layer, gen):
+        if self.refresh > 1:
+            layer.feedback_age = 0  # backward passes since convert; B is rebuilt at multiples
+
+    def signs(self, layer: nn.Module, out: torch.Tensor | None) -> torch.Tensor:
+        """B / h, built from the current W (into ``out`` when given)."""
+        raise NotImplementedError
+
+    def feedback_parts(self, layer, out=None):
+        return self.signs(layer, out), _sign_amplitude(self, layer)
+
+
 @register_rule
-class USF(LayerwiseRule):
+class USF(SignConcordant):
     """Uniform sign-concordant feedback: B = h sign(W), one amplitude h per layer."""
 
     name = "usf"
     paper = "Liao, Leibo, Poggio 2016; Xiao, Chen, Liao, Poggio 2018"
-    learned_feedback = False
-    derived_feedback = True
 
-    def feedback_parts(self, layer, out=None):
-        return torch.sign(layer.weight.detach(), out=out), _sign_amplitude(self, layer)
+    def signs(self, layer, out):
+        return torch.sign(layer.weight.detach(), out=out)
 
 
 @register_rule
-class FRSF(LayerwiseRule):
+class FRSF(SignConcordant):
     """Fixed random-magnitude sign-concordant feedback: B = h M * sign(W), M >= 0 drawn once."""
 
     name = "frsf"
     paper = "Liao, Leibo, Poggio 2016"
-    learned_feedback = False
-    derived_feedback = True
 
     def setup(self, layer, gen):
         layer.register_buffer("magnitude", _half_normal(layer, gen))
+        super().setup(layer, gen)
 
-    def feedback_parts(self, layer, out=None):
-        signs = torch.sign(layer.weight.detach(), out=out).mul_(layer.magnitude)
-        return signs, _sign_amplitude(self, layer)
+    def signs(self, layer, out):
+        return torch.sign(layer.weight.detach(), out=out).mul_(layer.magnitude)
 
 
 @register_rule
@@ -320,6 +355,7 @@ class BRSF(FRSF):
 
     name = "brsf"
     paper = "Liao, Leibo, Poggio 2016"
+    options = {"scale": None}  # B changes every step by design: nothing to refresh
     derived_feedback = False  # M is redrawn per forward pass: B is fixed when the forward runs
 
     def setup(self, layer, gen):

@@ -62,7 +62,10 @@ class FeedbackLayer:
         return new
 
     def feedback_weight(self) -> torch.Tensor:
-        """The tensor used in place of W when sending the error to this layer's input."""
+        """The tensor used in place of W when sending the error to this layer's input (for a
+        rule with ``refresh``: the B held since its last rebuild, once there is one)."""
+        if "_held_feedback" in self.__dict__:
+            return self._scratch("_held_feedback")
         return self.rule.feedback(self)
 
     def _feedback_for(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -81,34 +84,76 @@ class FeedbackLayer:
 
         It goes into a scratch tensor of W's shape that the layer keeps and overwrites at every
         backward pass, which uses it at once: no W-sized tensor is allocated per step (a fresh
-        one costs page faults on the CPU) or held from the forward to the backward pass.
+        one costs page faults on the CPU) or held from the forward to the backward pass. With
+        the rule's ``refresh=N`` the scratch is rebuilt, scale included, at every N-th backward
+        pass only, and used as it is in between.
         """
+        refresh = getattr(self.rule, "refresh", 1)
+        if refresh == 1:
+            return self.rule.feedback_parts(self, out=self._scratch("_feedback_scratch"))
+        due = self.feedback_age % refresh == 0 or "_held_feedback" not in self.__dict__
+        out = self._scratch("_held_feedback")
+        if due:
+            self.rule.feedback(self, out=out)
+        self.feedback_age += 1
+        return out, None
+
+    def _scratch(self, key: str) -> torch.Tensor:
+        """The layer's tensor ``key`` of W's shape, dtype and device (kept, not a buffer); one
+        that no longer matches W (the model was moved or cast) is converted."""
         weight = self.weight
-        out = self.__dict__.get("_feedback_scratch")
-        if out is None or (out.shape, out.dtype, out.device) != (
-            weight.shape, weight.dtype, weight.device
-        ):
-            out = self.__dict__["_feedback_scratch"] = torch.empty(
-                weight.shape, dtype=weight.dtype, device=weight.device
-            )
-        return self.rule.feedback_parts(self, out=out)
+        out = self.__dict__.get(key)
+        if out is None:
+            out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        elif (out.shape, out.dtype, out.device) != (weight.shape, weight.dtype, weight.device):
+            out = out.to(weight).reshape(weight.shape)
+        self.__dict__[key] = out
+        return out
 
     def extra_repr(self):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
     # Rules that draw per-step noise (brsf, wm) keep a seeded ``noise_generator`` on the layer;
-    # its state travels in the state_dict so that a resumed run draws the same noise.
+    # its state travels in the state_dict so that a resumed run draws the same noise. So does the
+    # backward-pass count of a rule with ``refresh`` (when B is rebuilt next).
     def get_extra_state(self):
+        state = {}
+        if hasattr(self, "feedback_age"):
+            state["feedback_age"] = self.feedback_age
+            held = self.__dict__.get("_held_feedback")
+            if held is not None:
+                state["held_feedback"] = held.detach().clone()
         gen = getattr(self, "noise_generator", None)
-        if gen is None:
-            return {}
-        return {"noise_generator": gen.get_state(), "device": str(gen.device)}
+        if gen is not None:
+            state.update(noise_generator=gen.get_state(), device=str(gen.device))
+        return state
 
     def set_extra_state(self, state):
+        if "feedback_age" in state and hasattr(self, "feedback_age"):
+            self.feedback_age = _count(state["feedback_age"])
+            self.__dict__.pop("_held_feedback", None)
+            if "held_feedback" in state:
+                self.__dict__["_held_feedback"] = _held(state["held_feedback"], self.weight)
         if "noise_generator" in state:
             gen = torch.Generator(state["device"])
             gen.set_state(state["noise_generator"])
             self.noise_generator = gen
+
+
+def _held(value, weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != weight.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"held_feedback in the state_dict must be a tensor of W's shape "
+            f"{tuple(weight.shape)}; got {shape}"
+        )
+    return value.to(weight).clone()
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"feedback_age in the state_dict must be a count >= 0; got {value!r}")
+    return value
 
 
 def uses_plain_forward() -> bool:
