@@ -84,9 +84,12 @@ def test_cli_refuses_zero_instead_of_taking_the_default(flag, capsys):
 
 
 def row(workload, contender, ratio, bound=1.0, memory=100):
+    parsed = bench.parse_contender(contender)
     return {
         "workload": workload,
         "contender": contender,
+        "library": parsed.library,
+        "rule": parsed.rule,
         "ratio_to_autograd": ratio,
         "mac_bound": bound,
         "fraction_of_bound": ratio / bound,
@@ -102,6 +105,10 @@ def test_targets_are_judged_from_the_figures():
         row("mlp", "dfa", 1.22, bound=1.27, memory=90),  # mlp is the depth-2 point too
         row("mlp", "dfa:k=1", 1.25, bound=1.3),
         row("mlp", "biotorch-dfa", 0.9),
+        row("mlp", "biotorch-usf", 0.7),  # not sdfa's: no target
+        row("mlp", "usf", 0.96),
+        row("mlp", "frsf", 0.94),
+        row("mlp", "frsf:refresh=10", 0.99),
         *(
             row(w, c, r)
             for w, r in (("depth-4", 1.3), ("depth-8", 1.25))
@@ -114,6 +121,10 @@ def test_targets_are_judged_from_the_figures():
     assert checks[("sdfa bp speed / autograd", "mlp")] is True
     assert checks[("sdfa fa speed / autograd", "mlp")] is False
     assert checks[("sdfa DFA speed / biotorch DFA", "mlp")] is True
+    assert checks[("sdfa usf speed / autograd", "mlp")] is True
+    assert checks[("sdfa frsf speed / autograd", "mlp")] is False
+    assert checks[("sdfa frsf:refresh=10 speed / autograd", "mlp")] is True
+    assert not any("biotorch-usf" in target for target, _ in checks)
     assert checks[("DFA peak memory / autograd", "mlp")] is True
     assert checks[("DFA speed-up grows with depth (2, 4, 8)", "depth")] is False
 

@@ -213,7 +213,8 @@ def _train(args) -> int:
         return 130
     if not is_main_process():  # under torchrun: rank 0 reports
         return 0
-    rule = format_rule_spec(summary["rule"], {"k": summary["k"], "rank": summary["rank"]})
+    options = {"k": summary["k"], "rank": summary["rank"], **summary["rule_options"]}
+    rule = format_rule_spec(summary["rule"], options)
     print(f"{rule} on {summary['dataset']} ({summary['model']}): {_figures(summary, 'test')} "
           f"after {summary['epochs']} epochs ({summary['train_seconds']:.1f} s of training)")
     if "privacy" in summary:

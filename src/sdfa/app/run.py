@@ -143,7 +143,8 @@ def build_trainer(config: TrainConfig, data, model, run_dir=None, callbacks=(), 
 def describe(config: TrainConfig, data, summary: dict) -> dict:
     """The trainer's summary with the run's settings (the keys of summary.json)."""
     settings = {
-        "rule": config.rule, "k": config.k, "rank": config.rank, "dataset": config.dataset,
+        "rule": config.rule, "k": config.k, "rank": config.rank,
+        "rule_options": dict(config.rule_options), "dataset": config.dataset,
         "model": config.model, "transfer": config.transfer,
     }
     run = {
