@@ -50,7 +50,8 @@ def test_train_takes_the_spec_and_the_shorthand_alike(tmp_path):
 
 def test_the_summary_and_the_report_name_every_rule_option(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--epochs", "1", "--rule", "usf:refresh=3", *FAST]) == 0
+    argv = ["train", "--out", str(out), "--epochs", "1", "--rule", "usf:refresh=3", *FAST]
+    assert main(argv) == 0
     assert "usf:refresh=3 on digits" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["rule"], summary["rule_options"]) == ("usf", {"refresh": 3})
